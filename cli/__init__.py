@@ -1,0 +1,1 @@
+"""The ``agentmesh`` command line: start the mesh, check it, chat with it."""

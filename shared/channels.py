@@ -1,0 +1,115 @@
+"""Client channels between services: keepalive, retries only where safe, deadlines passed on.
+
+Retries are configured per method through the gRPC service config and only for RPCs the
+caller names as idempotent: a retried write could move money twice. Every call made through
+these channels inherits the serving RPC's remaining time minus a margin unless the caller
+gives a shorter timeout.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from shared.deadlines import downstream_timeout
+from shared.interceptors import REQUEST_ID_HEADER
+from shared.logging import current_request_id
+
+KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def retry_service_config(methods: Sequence[tuple[str, str | None]], max_attempts: int = 4) -> str:
+    """Service config retrying UNAVAILABLE for ``(service, method)`` pairs (method None: all)."""
+    names = [
+        {"service": service, **({"method": method} if method else {})}
+        for service, method in methods
+    ]
+    config: dict[str, Any] = {"methodConfig": []}
+    if names:
+        config["methodConfig"].append(
+            {
+                "name": names,
+                "retryPolicy": {
+                    "maxAttempts": max_attempts,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        )
+    return json.dumps(config)
+
+
+class _CallDefaults:
+    """Fills in timeout (from the serving RPC's deadline), request id and auth metadata."""
+
+    def __init__(self, margin_s: float, auth_token: str | None) -> None:
+        self._margin_s = margin_s
+        self._auth_token = auth_token
+
+    def details(self, call: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        timeout = call.timeout
+        inherited = downstream_timeout(self._margin_s)
+        if inherited is not None:
+            timeout = inherited if timeout is None else min(timeout, inherited)
+        metadata = grpc.aio.Metadata(*(tuple(call.metadata) if call.metadata else ()))
+        keys = {key for key, _ in metadata}
+        if REQUEST_ID_HEADER not in keys and current_request_id() != "-":
+            metadata.add(REQUEST_ID_HEADER, current_request_id())
+        if self._auth_token and "authorization" not in keys:
+            metadata.add("authorization", f"Bearer {self._auth_token}")
+        return grpc.aio.ClientCallDetails(
+            call.method, timeout, metadata, call.credentials, call.wait_for_ready
+        )
+
+
+class _UnaryUnary(_CallDefaults, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, call: Any, request: Any) -> Any:
+        return await continuation(self.details(call), request)
+
+
+class _UnaryStream(_CallDefaults, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, call: Any, request: Any) -> Any:
+        return await continuation(self.details(call), request)
+
+
+class _StreamUnary(_CallDefaults, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, call: Any, request_iter: Any) -> Any:
+        return await continuation(self.details(call), request_iter)
+
+
+class _StreamStream(_CallDefaults, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, call: Any, request_iter: Any) -> Any:
+        return await continuation(self.details(call), request_iter)
+
+
+def create_channel(
+    target: str,
+    *,
+    retry_methods: Sequence[tuple[str, str | None]] = (),
+    auth_token: str | None = None,
+    deadline_margin_s: float = 0.05,
+    max_message_bytes: int = 16 * 1024 * 1024,
+) -> grpc.aio.Channel:
+    """An insecure (mTLS comes later) aio channel with the agentmesh call defaults."""
+    options: list[tuple[str, Any]] = [
+        *KEEPALIVE_OPTIONS,
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", retry_service_config(retry_methods)),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+    interceptors: list[Any] = [
+        cls(deadline_margin_s, auth_token)
+        for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)
+    ]
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -1,0 +1,307 @@
+"""Server interceptors: tracing (request ids), metrics, auth, deadlines, error mapping.
+
+Each interceptor wraps the behaviour of every RPC of the agentmesh services (health and
+reflection pass through untouched) in an async context manager, whatever the RPC's shape
+(unary or streaming, coroutine or async generator). Order in the chain: first is outermost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc.aio import AbortError
+
+from shared.deadlines import Deadline, reset_current_deadline, set_current_deadline
+from shared.errors import AgentmeshError, Unauthenticated, to_rich_status
+from shared.logging import reset_request_id, set_request_id
+from shared.metrics import RpcMetrics
+
+log = logging.getLogger("agentmesh.rpc")
+
+EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+REQUEST_ID_HEADER = "x-request-id"
+
+# Codes a failed downstream call keeps when it surfaces through our handler; anything else
+# becomes INTERNAL. The downstream's message is never forwarded.
+_PROPAGATED_DOWNSTREAM_CODES = {
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """``/pkg.Service/Method`` -> (``pkg.Service``, ``Method``)."""
+    _, service, method = full_method.split("/", 2)
+    return service, method
+
+
+def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
+    for item_key, value in context.invocation_metadata() or ():
+        if item_key == key:
+            return value.decode() if isinstance(value, bytes) else value
+    return None
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Base class: subclasses implement :meth:`around` for one RPC."""
+
+    def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(EXEMPT_PREFIXES):
+            return handler
+        return _wrap_handler(handler, method, self.around)
+
+
+def _wrap_behaviour(
+    behaviour: Callable[..., Any],
+    method: str,
+    around: Callable[
+        [str, grpc.aio.ServicerContext[Any, Any]], contextlib.AbstractAsyncContextManager[None]
+    ],
+) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def stream_wrapper(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            async with around(method, context):
+                async for item in behaviour(request, context):
+                    yield item
+
+        return stream_wrapper
+
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async with around(method, context):
+            return await behaviour(request, context)
+
+    return wrapper
+
+
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    method: str,
+    around: Callable[
+        [str, grpc.aio.ServicerContext[Any, Any]], contextlib.AbstractAsyncContextManager[None]
+    ],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_behaviour(handler.unary_unary, method, around), **kwargs
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_behaviour(handler.unary_stream, method, around), **kwargs
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_behaviour(handler.stream_unary, method, around), **kwargs
+        )
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_behaviour(handler.stream_stream, method, around), **kwargs
+        )
+    return handler
+
+
+class DrainInterceptor(WrappingInterceptor):
+    """Counts in-flight RPCs; once draining, refuses new ones with UNAVAILABLE.
+
+    grpc-core's own shutdown answers late callers with CANCELLED, which clients must not
+    retry blindly; UNAVAILABLE tells them to go to another replica.
+    """
+
+    def __init__(self) -> None:
+        self._in_flight = 0
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def start_draining(self) -> None:
+        self._draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when every in-flight RPC finished within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+
+class TracingInterceptor(WrappingInterceptor):
+    """Gives every RPC a request id (the caller's ``x-request-id`` or a new one) for logs.
+
+    The seam where OpenTelemetry server spans go.
+    """
+
+    @contextlib.asynccontextmanager
+    async def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        request_id = metadata_value(context, REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
+        token = set_request_id(request_id)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            log.debug(
+                "rpc done", extra={"method": method, "seconds": time.perf_counter() - started}
+            )
+            reset_request_id(token)
+
+
+class MetricsInterceptor(WrappingInterceptor):
+    """Counts RPCs by final status code and observes their latency."""
+
+    def __init__(self, metrics: RpcMetrics) -> None:
+        self._metrics = metrics
+
+    @contextlib.asynccontextmanager
+    async def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        service, name = split_method(method)
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except AbortError:
+            code = _context_code(context) or grpc.StatusCode.UNKNOWN
+            raise
+        except BaseException:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._metrics.requests.labels(service, name, code.name).inc()
+            self._metrics.latency.labels(service, name).observe(time.perf_counter() - started)
+
+
+def _context_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:
+    with contextlib.suppress(Exception):
+        value = context.code()
+        if isinstance(value, grpc.StatusCode):
+            return value
+        if isinstance(value, int):
+            for code in grpc.StatusCode:
+                if code.value[0] == value:
+                    return code
+    return None
+
+
+class AuthInterceptor(WrappingInterceptor):
+    """Bearer-token check; health and reflection stay open for probes and grpcurl."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    @contextlib.asynccontextmanager
+    async def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        presented = (metadata_value(context, "authorization") or "").encode()
+        if not hmac.compare_digest(presented, self._expected):
+            status = to_rich_status(Unauthenticated("missing or invalid bearer token"))
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        yield
+
+
+class DeadlineInterceptor(WrappingInterceptor):
+    """Publishes the caller's deadline so code below can pass it downstream."""
+
+    @contextlib.asynccontextmanager
+    async def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        remaining = context.time_remaining()
+        deadline = Deadline.after(remaining) if remaining is not None else None
+        token = set_current_deadline(deadline)
+        try:
+            yield
+        finally:
+            reset_current_deadline(token)
+
+
+class ErrorInterceptor(WrappingInterceptor):
+    """Domain errors -> their status with details; anything else -> INTERNAL, text hidden."""
+
+    @contextlib.asynccontextmanager
+    async def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        try:
+            yield
+        except AgentmeshError as error:
+            status = to_rich_status(error)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        except AbortError:
+            raise
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            if code not in _PROPAGATED_DOWNSTREAM_CODES:
+                log.error("downstream call failed in %s: %s", method, code.name)
+                code = grpc.StatusCode.INTERNAL
+            await context.abort(code, f"downstream call failed: {error.code().name}")
+        except Exception:
+            log.exception("unhandled error in %s", method)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+def default_interceptors(
+    metrics: RpcMetrics, drain: DrainInterceptor, auth_token: str | None = None
+) -> list[grpc.aio.ServerInterceptor]:
+    """The standard chain, outermost first."""
+    chain: list[grpc.aio.ServerInterceptor] = [
+        drain,
+        TracingInterceptor(),
+        MetricsInterceptor(metrics),
+    ]
+    if auth_token:
+        chain.append(AuthInterceptor(auth_token))
+    chain += [DeadlineInterceptor(), ErrorInterceptor()]
+    return chain
