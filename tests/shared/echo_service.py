@@ -3,7 +3,8 @@
 Raw-bytes handlers (no proto needed): ``Echo`` returns its request, ``Count`` streams
 ``n`` numbered messages with a pause, ``Fail`` raises an exception carrying a secret,
 ``Raise`` raises a domain error, ``Remaining`` reports the deadline the handler sees,
-``Forward`` calls another server's ``Remaining`` through a shared channel and returns what that downstream saw.
+``Forward`` calls another server's ``Remaining`` through a shared channel and returns
+what that downstream saw.
 Run as a script it serves until SIGTERM (used by the shutdown test).
 """
 
