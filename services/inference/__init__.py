@@ -1,0 +1,1 @@
+"""The inference service: vLLM engines in-process, model lanes, constrained tool calls."""

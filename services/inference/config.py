@@ -1,0 +1,184 @@
+"""Typed configuration of the inference service: settings, lane specs, presets.
+
+The only module of the service that touches ``os.environ``: vLLM reads a few knobs (KV cache
+size on CPU, thread binding) from the environment, so :func:`apply_engine_environment` writes
+them from typed settings right before an engine starts.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from shared.config import ServiceSettings
+
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "config" / "lanes"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+
+# Model references with this prefix are prepared locally (see model_prep); anything else is
+# handed to vLLM as is (a Hugging Face id or a local folder).
+EMBEDDED_PREFIX = "embedded:"
+
+
+class ToolCallFormat(StrEnum):
+    """How a lane's model writes tool calls natively."""
+
+    HERMES = "hermes"  # <tool_call>{"name":..,"arguments":..}</tool_call>, several per generation
+    LLAMA3_JSON = "llama3_json"  # one bare {"name":..,"parameters":..} object per generation
+
+
+class StageName(StrEnum):
+    PLAN = "plan"
+    TOOL_CALL = "tool_call"
+    COMPOSE = "compose"
+
+
+class SamplingDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=256, ge=1)
+    # Budget of one tool call's JSON in CallTools (the seed's "3 x 80 tokens").
+    tool_call_max_tokens: int = Field(default=128, ge=8)
+
+
+class FewShotExemplar(BaseModel):
+    """One worked example of correct tool use, rendered after the tool registry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: str
+    tool_name: str
+    arguments: dict[str, Any]
+
+
+class LaneSpec(BaseModel):
+    """A lane: a model with engine arguments, a tool-call format, a template and limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    # "embedded:<name>" (prepared locally) or a Hugging Face id / local folder.
+    model: str
+    # Passed to vLLM's AsyncEngineArgs verbatim. Lanes with equal (model, engine_args) share
+    # one engine.
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    tool_call_format: ToolCallFormat = ToolCallFormat.HERMES
+    # File name under services/inference/templates, or an absolute path.
+    chat_template: str = "hermes_tools.jinja"
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    # RPCs in flight on this lane before new ones get RESOURCE_EXHAUSTED.
+    max_concurrency: int = Field(default=16, ge=1)
+    few_shot: list[FewShotExemplar] = Field(default_factory=list, max_length=3)
+    # Automatic selection: the escalation level this lane answers (None: only when named).
+    escalation_level: int | None = Field(default=None, ge=0)
+    stages: list[StageName] = Field(
+        default_factory=lambda: [StageName.PLAN, StageName.TOOL_CALL, StageName.COMPOSE]
+    )
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine_args.get("max_model_len", 4096))
+
+    def engine_key(self) -> str:
+        """Lanes with the same key share an engine."""
+        args = yaml.safe_dump(self.engine_args, sort_keys=True)
+        return f"{self.model}\n{args}"
+
+    def template_path(self) -> Path:
+        path = Path(self.chat_template)
+        return path if path.is_absolute() else TEMPLATES_DIR / path
+
+
+class LanesConfig(BaseModel):
+    """A preset file: every lane it defines and the subset this process hosts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str
+    lanes: dict[str, LaneSpec]
+    # Lanes this process serves; empty means all of them.
+    hosted_lanes: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> LanesConfig:
+        for name, lane in self.lanes.items():
+            lane.name = name
+        unknown = [n for n in self.hosted_lanes if n not in self.lanes]
+        if unknown:
+            raise ValueError(f"hosted_lanes names unknown lanes: {', '.join(unknown)}")
+        if not self.hosted_lanes:
+            self.hosted_lanes = list(self.lanes)
+        return self
+
+    def hosted(self) -> list[LaneSpec]:
+        return [self.lanes[n] for n in self.hosted_lanes]
+
+
+class InferenceSettings(ServiceSettings):
+    """Settings of the inference service (env prefix ``AGENTMESH_INFERENCE_``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AGENTMESH_INFERENCE_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    port: int = 50052
+    metrics_port: int = 9102
+    # A shipped preset under config/lanes/ ("embedded", "rtx4090") ...
+    preset: str = "embedded"
+    # ... or a lanes file of your own (wins over preset).
+    lanes_file: Path | None = None
+    # Overrides the preset's hosted_lanes (a JSON list in the environment).
+    hosted_lanes: list[str] | None = None
+    # Where prepared models live; default data_dir/models.
+    model_cache_dir: Path | None = None
+    # vLLM CPU build: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kvcache_gib: int = Field(default=4, ge=1)
+    # vLLM CPU build: OpenMP thread binding ("auto", "all" or a core list).
+    cpu_omp_threads_bind: str = "auto"
+    # Calls returned by CallTools when the request does not say (the per-turn cap).
+    default_max_tool_calls: int = Field(default=5, ge=1)
+    # Seconds an engine may take to start before warm-up fails.
+    engine_start_timeout_s: float = 600.0
+    # Don't send usage statistics anywhere (no network here anyway).
+    disable_usage_stats: bool = True
+
+    def models_dir(self) -> Path:
+        return self.model_cache_dir or (self.data_dir / "models")
+
+    def load_lanes(self) -> LanesConfig:
+        path = self.lanes_file or (PRESETS_DIR / f"{self.preset}.yaml")
+        if not path.is_file():
+            raise FileNotFoundError(f"lanes file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"lanes file {path} must hold a mapping")
+        # Top-level "x-..." keys hold YAML anchors (shared engine args), not settings.
+        raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}
+        raw.setdefault("preset", path.stem)
+        config = LanesConfig.model_validate(raw)
+        if self.hosted_lanes:
+            config = LanesConfig.model_validate(
+                {**config.model_dump(), "hosted_lanes": self.hosted_lanes}
+            )
+        return config
+
+
+def apply_engine_environment(settings: InferenceSettings, device: Literal["cpu", "gpu"]) -> None:
+    """Write the vLLM knobs that only exist as environment variables (before engine start)."""
+    if device == "cpu":
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gib)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_omp_threads_bind
+    if settings.disable_usage_stats:
+        os.environ["VLLM_NO_USAGE_STATS"] = "1"
+        os.environ["DO_NOT_TRACK"] = "1"
+    # Nothing may download weights at run time.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"

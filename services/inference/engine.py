@@ -1,0 +1,232 @@
+"""Engines behind a small protocol: vLLM's AsyncLLM in production, fakes in unit tests.
+
+The rest of the service speaks only :class:`Engine` and plain dataclasses, so nothing but this
+module imports vLLM (slow to import, and absent from some test environments).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+log = logging.getLogger(__name__)
+
+FinishKind = Literal["stop", "length", "abort"]
+
+
+class EngineDead(RuntimeError):
+    """The engine can no longer serve (its core process died or it was shut down)."""
+
+
+class EngineRejected(RuntimeError):
+    """The engine refused a request as invalid (our validation should have caught it)."""
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """What one generation needs; mapped onto vLLM's SamplingParams by the engine."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    # An EBNF grammar (xgrammar dialect) the whole output must match ...
+    grammar: str | None = None
+    # ... or a JSON schema (compact JSON) the whole output must match.
+    json_schema: str | None = None
+
+
+@dataclass
+class Delta:
+    """New output of one generation since the previous Delta."""
+
+    text: str
+    new_tokens: int
+    finished: bool = False
+    finish_reason: FinishKind | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Engine(Protocol):
+    """What the service needs from an inference engine."""
+
+    engine_id: str
+    max_model_len: int
+
+    async def start(self) -> None: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def generate(
+        self, prompt_token_ids: list[int], params: GenParams, request_id: str
+    ) -> AsyncIterator[Delta]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether the engine still tracks the request (tests check aborts with it)."""
+        ...
+
+    @property
+    def errored(self) -> bool: ...
+
+    async def shutdown(self) -> None: ...
+
+
+@dataclass
+class VllmEngine:
+    """vLLM's AsyncLLM in this process (its engine core runs in a child process)."""
+
+    engine_id: str
+    model_ref: str
+    engine_args: dict[str, Any]
+    # Model reference -> what vLLM loads (prepares the embedded model once; may block).
+    resolve: Callable[[str], str] = str
+    start_timeout_s: float = 600.0
+    max_model_len: int = field(init=False)
+    _llm: Any = field(init=False, default=None)
+    _tokenizer: Any = field(init=False, default=None)
+    _failed: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.max_model_len = int(self.engine_args.get("max_model_len", 4096))
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        model_path = await asyncio.to_thread(self.resolve, self.model_ref)
+        args = {"disable_log_stats": True, **self.engine_args}
+        engine_args = AsyncEngineArgs(model=model_path, **args)
+        # Building the engine blocks (it waits for the core process): keep the loop free for
+        # health checks meanwhile.
+        self._llm = await asyncio.wait_for(
+            asyncio.to_thread(AsyncLLM.from_engine_args, engine_args), self.start_timeout_s
+        )
+        self._tokenizer = self._llm.get_tokenizer()
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+
+    def _require(self) -> Any:
+        if self._llm is None:
+            raise EngineDead(f"engine {self.engine_id} is not started")
+        if self.errored:
+            raise EngineDead(f"engine {self.engine_id} is dead")
+        return self._llm
+
+    def encode(self, text: str) -> list[int]:
+        self._require()
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    def _sampling_params(self, params: GenParams) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        structured = None
+        if params.grammar is not None:
+            structured = StructuredOutputsParams(grammar=params.grammar)
+        elif params.json_schema is not None:
+            structured = StructuredOutputsParams(
+                json=params.json_schema, disable_any_whitespace=True
+            )
+        return SamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: GenParams, request_id: str
+    ) -> AsyncIterator[Delta]:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        llm = self._require()
+        sampling = self._sampling_params(params)
+        stream = llm.generate({"prompt_token_ids": prompt_token_ids}, sampling, request_id)
+        finished = False
+        try:
+            async for out in stream:
+                completion = out.outputs[0] if out.outputs else None
+                finished = bool(out.finished)
+                reason = completion.finish_reason if completion is not None else None
+                yield Delta(
+                    text=completion.text if completion is not None else "",
+                    new_tokens=len(completion.token_ids) if completion is not None else 0,
+                    finished=finished,
+                    finish_reason=_finish_kind(reason) if finished else None,
+                    prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
+                    cached_tokens=int(out.num_cached_tokens or 0),
+                )
+        except EngineDeadError as exc:
+            raise EngineDead(f"engine {self.engine_id} died") from exc
+        except EngineGenerateError as exc:
+            raise EngineDead(f"engine {self.engine_id} failed a request") from exc
+        except (VLLMClientError, ValueError) as exc:
+            raise EngineRejected(str(exc)) from exc
+        finally:
+            if not finished:
+                # Client cancel / deadline: closing vLLM's generator already aborts; this makes
+                # it explicit for every other early exit too.
+                await stream.aclose()
+                if self._llm is not None and not self.errored:
+                    await self._llm.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None and not self.errored:
+            await self._llm.abort(request_id)
+
+    def has_request(self, request_id: str) -> bool:
+        if self._llm is None:
+            return False
+        return request_id in self._llm.output_processor.external_req_ids
+
+    @property
+    def errored(self) -> bool:
+        if self._failed:
+            return True
+        return self._llm is not None and bool(self._llm.errored)
+
+    def mark_failed(self) -> None:
+        self._failed = True
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            # Stop the output handler first, or it reports the core's exit as a crash.
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None and not handler.done():
+                handler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await handler
+            await asyncio.to_thread(llm.shutdown)
+
+
+def _finish_kind(reason: str | None) -> FinishKind:
+    if reason == "length":
+        return "length"
+    if reason == "abort":
+        return "abort"
+    return "stop"
+
+
+EngineFactory = Callable[[str, str, dict[str, Any]], Engine]
+"""(engine_id, model_ref, engine_args) -> an unstarted engine."""
+
+
+def vllm_engine_factory(resolve: Callable[[str], str], start_timeout_s: float) -> EngineFactory:
+    def make(engine_id: str, model_ref: str, engine_args: dict[str, Any]) -> Engine:
+        return VllmEngine(
+            engine_id, model_ref, engine_args, resolve=resolve, start_timeout_s=start_timeout_s
+        )
+
+    return make

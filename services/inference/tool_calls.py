@@ -1,0 +1,286 @@
+"""Tool-call grammars (xgrammar EBNF) per native format, and parsing of what was generated.
+
+Grammars make calls valid by construction: the tool name is a constant per alternative and the
+arguments follow the tool's JSON schema, in compact JSON (fewer tokens per call). Every call is
+still parsed and validated with jsonschema afterwards: the unconstrained mode needs it, and it
+keeps the constrained path honest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+
+from services.inference.config import ToolCallFormat
+from services.inference.prompt import ToolDef
+from shared.errors import InvalidArgument
+
+COMPACT = (",", ":")
+_ARG_KEY = {ToolCallFormat.HERMES: "arguments", ToolCallFormat.LLAMA3_JSON: "parameters"}
+HERMES_OPEN = "<tool_call>\n"
+HERMES_CLOSE = "\n</tool_call>"
+_HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def _xg() -> Any:
+    import xgrammar
+
+    return xgrammar
+
+
+def ebnf_literal(text: str) -> str:
+    """``text`` as an EBNF string literal."""
+    escaped = (
+        text.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+    )
+    return f'"{escaped}"'
+
+
+def call_object_schema(tool: ToolDef, fmt: ToolCallFormat) -> dict[str, Any]:
+    """Schema of one call object in the lane's format: name first, then its arguments."""
+    key = _ARG_KEY[fmt]
+    return {
+        "type": "object",
+        "properties": {"name": {"const": tool.name}, key: tool.parameters},
+        "required": ["name", key],
+        "additionalProperties": False,
+    }
+
+
+def json_schema_grammar(schema: dict[str, Any], field: str, what: str) -> Any:
+    """Compact-JSON grammar of ``schema``; an unsupported schema is INVALID_ARGUMENT."""
+    try:
+        return _xg().Grammar.from_json_schema(
+            json.dumps(schema), any_whitespace=False, separators=COMPACT
+        )
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidArgument(
+            field, f"{what}: JSON schema cannot be turned into a grammar"
+        ) from None
+
+
+class GrammarBuilder:
+    """Builds and memoizes grammars (tool registries are immutable per process, so the same
+    strings recur and vLLM's own grammar cache hits too)."""
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._max = max_entries
+
+    def _memo(self, key: str, build: Any) -> str:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        value = str(build())
+        self._cache[key] = value
+        if len(self._cache) > self._max:
+            self._cache.popitem(last=False)
+        return value
+
+    def check_tools(self, tools: Sequence[ToolDef], fmt: ToolCallFormat) -> None:
+        """Fail fast, naming the tool, when a schema cannot be compiled."""
+        for i, tool in enumerate(tools):
+            self._memo(
+                _key("call", fmt, [tool]),
+                lambda tool=tool, i=i: self._one_call(tool, fmt, f"tools[{i}]"),
+            )
+
+    def _one_call(self, tool: ToolDef, fmt: ToolCallFormat, field: str = "tools") -> Any:
+        xg = _xg()
+        body = json_schema_grammar(
+            call_object_schema(tool, fmt), f"{field}.parameters_json_schema", f"tool {tool.name!r}"
+        )
+        if fmt is ToolCallFormat.HERMES:
+            return xg.Grammar.concat(
+                xg.Grammar.from_ebnf(f"root ::= {ebnf_literal(HERMES_OPEN)}"),
+                body,
+                xg.Grammar.from_ebnf(f"root ::= {ebnf_literal(HERMES_CLOSE)}"),
+            )
+        return body
+
+    def _any_call(self, tools: Sequence[ToolDef], fmt: ToolCallFormat) -> Any:
+        xg = _xg()
+        parts = [self._one_call(t, fmt) for t in tools]
+        return parts[0] if len(parts) == 1 else xg.Grammar.union(*parts)
+
+    def _free_text(self, fmt: ToolCallFormat) -> Any:
+        # Auto mode: an answer that does not start like a call is also allowed.
+        first = "<" if fmt is ToolCallFormat.HERMES else "{"
+        return _xg().Grammar.from_ebnf(f'root ::= "" | [^{first}] [^]*')
+
+    def single_tool(self, tool: ToolDef, fmt: ToolCallFormat) -> str:
+        """Exactly one call of ``tool`` (parallel emission: one of these per generation)."""
+        return self._memo(_key("call", fmt, [tool]), lambda: self._one_call(tool, fmt))
+
+    def sequence(self, tools: Sequence[ToolDef], fmt: ToolCallFormat) -> str:
+        """Exactly these calls, in this order, in one generation (hermes only)."""
+        xg = _xg()
+
+        def build() -> Any:
+            parts: list[Any] = []
+            for i, tool in enumerate(tools):
+                if i:
+                    parts.append(xg.Grammar.from_ebnf('root ::= "\\n"'))
+                parts.append(self._one_call(tool, fmt))
+            return parts[0] if len(parts) == 1 else xg.Grammar.concat(*parts)
+
+        return self._memo(_key("seq", fmt, tools), build)
+
+    def calls(
+        self, tools: Sequence[ToolDef], fmt: ToolCallFormat, min_calls: int, max_calls: int
+    ) -> str:
+        """``min_calls``..``max_calls`` calls of any of ``tools`` in one generation; with
+        ``min_calls == 0`` plain text is allowed instead. llama3_json: at most one call."""
+        if fmt is ToolCallFormat.LLAMA3_JSON:
+            max_calls = 1
+        xg = _xg()
+
+        def build() -> Any:
+            item = self._any_call(tools, fmt)
+            sep = xg.Grammar.from_ebnf('root ::= "\\n"')
+            options: list[Any] = []
+            for count in range(max(min_calls, 1), max_calls + 1):
+                seq: list[Any] = []
+                for i in range(count):
+                    if i:
+                        seq.append(sep)
+                    seq.append(item)
+                options.append(seq[0] if len(seq) == 1 else xg.Grammar.concat(*seq))
+            if min_calls == 0:
+                options.append(self._free_text(fmt))
+            return options[0] if len(options) == 1 else xg.Grammar.union(*options)
+
+        return self._memo(_key(f"calls{min_calls}-{max_calls}", fmt, tools), build)
+
+    def selection(self, tools: Sequence[ToolDef], min_calls: int, max_calls: int) -> str:
+        """A compact JSON array of tool names: which tools to call (parallel emission)."""
+        names = " | ".join(ebnf_literal(json.dumps(t.name)) for t in tools)
+        more = f' ("," name){{0,{max_calls - 1}}}' if max_calls > 1 else ""
+        body = f'"[" name{more} "]"'
+        if min_calls == 0:
+            body = f'"[]" | {body}'
+
+        def build() -> Any:
+            return _xg().Grammar.from_ebnf(f"root ::= {body}\nname ::= {names}")
+
+        return self._memo(_key(f"sel{min_calls}-{max_calls}", ToolCallFormat.HERMES, tools), build)
+
+
+def _key(kind: str, fmt: ToolCallFormat, tools: Sequence[ToolDef]) -> str:
+    spec = [[t.name, t.parameters] for t in tools]
+    return f"{kind}|{fmt.value}|{json.dumps(spec, sort_keys=True, separators=COMPACT)}"
+
+
+@dataclass
+class ParsedCall:
+    """One call as parsed from generated text."""
+
+    id: str
+    name: str
+    arguments_json: str
+    ok: bool
+    error: str
+    raw_text: str
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:16]}"
+
+
+def _check_call(
+    obj: Any, raw: str, tools: dict[str, ToolDef], fmt: ToolCallFormat, expected: str | None
+) -> ParsedCall:
+    call_id = new_call_id()
+    if not isinstance(obj, dict):
+        return ParsedCall(call_id, "", "", False, "tool call is not a JSON object", raw)
+    name = obj.get("name")
+    args = obj.get(_ARG_KEY[fmt], obj.get("arguments", obj.get("parameters")))
+    if not isinstance(name, str):
+        return ParsedCall(call_id, "", "", False, "tool call has no name", raw)
+    args_json = json.dumps(args, separators=COMPACT, ensure_ascii=False) if args is not None else ""
+    if expected is not None and name != expected:
+        return ParsedCall(call_id, name, args_json, False, f"expected a call of {expected!r}", raw)
+    tool = tools.get(name)
+    if tool is None:
+        return ParsedCall(call_id, name, args_json, False, f"unknown tool {name!r}", raw)
+    if not isinstance(args, dict):
+        return ParsedCall(call_id, name, args_json, False, "arguments are not a JSON object", raw)
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(tool.parameters).iter_errors(args)
+    )
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        return ParsedCall(
+            call_id, name, args_json, False, f"arguments do not match the schema at {where}", raw
+        )
+    return ParsedCall(call_id, name, args_json, True, "", raw)
+
+
+def parse_calls(
+    text: str,
+    tools: Sequence[ToolDef],
+    fmt: ToolCallFormat,
+    *,
+    expected: str | None = None,
+) -> list[ParsedCall]:
+    """All tool calls in ``text`` (native format), each with its own outcome."""
+    by_name = {t.name: t for t in tools}
+    out: list[ParsedCall] = []
+    if fmt is ToolCallFormat.HERMES:
+        for match in _HERMES_BLOCK.finditer(text):
+            raw = match.group(0)
+            try:
+                obj = json.loads(match.group(1))
+            except ValueError:
+                out.append(ParsedCall(new_call_id(), "", "", False, "call is not valid JSON", raw))
+                continue
+            out.append(_check_call(obj, raw, by_name, fmt, expected))
+        return out
+    body = text.strip()
+    if body.startswith("<|python_tag|>"):
+        body = body[len("<|python_tag|>") :]
+    decoder = json.JSONDecoder()
+    pos = 0
+    while pos < len(body):
+        while pos < len(body) and body[pos] in " \t\r\n;":
+            pos += 1
+        if pos >= len(body):
+            break
+        if body[pos] != "{":
+            if not out:
+                return []  # plain text answer: no call
+            out.append(ParsedCall(new_call_id(), "", "", False, "text after the call", body[pos:]))
+            break
+        try:
+            obj, end = decoder.raw_decode(body, pos)
+        except ValueError:
+            out.append(
+                ParsedCall(new_call_id(), "", "", False, "call is not valid JSON", body[pos:])
+            )
+            break
+        out.append(_check_call(obj, body[pos:end], by_name, fmt, expected))
+        pos = end
+    return out
+
+
+def parse_selection(text: str, tools: Sequence[ToolDef], max_calls: int) -> list[str] | None:
+    """Tool names from a selection generation (known names only, capped); None if unreadable."""
+    try:
+        names = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(names, list):
+        return None
+    known = {t.name for t in tools}
+    return [n for n in names if isinstance(n, str) and n in known][:max_calls]

@@ -1,0 +1,110 @@
+"""A fake engine for unit tests: deterministic, scriptable, no vLLM.
+
+It tokenizes by characters and 'generates' by replaying a scripted text chosen by a function of
+the request (or emitting the shortest text its grammar allows when asked to), in small deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.inference.engine import Delta, EngineDead, GenParams
+
+Script = Callable[[list[int], GenParams], str]
+
+
+@dataclass
+class FakeEngine:
+    engine_id: str
+    model_ref: str = "fake"
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    max_model_len: int = 4096
+    script: Script = lambda ids, params: "hello from the fake engine"
+    delta_chars: int = 4
+    # Seconds between deltas (lets tests hold a request open).
+    step_s: float = 0.0
+    fail_start: bool = False
+    started: bool = False
+    dead: bool = False
+    live: set[str] = field(default_factory=set)
+    aborted: list[str] = field(default_factory=list)
+    requests: list[tuple[list[int], GenParams]] = field(default_factory=list)
+    # Set while a request is between deltas (tests wait on it).
+    in_generation: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        if self.fail_start:
+            raise RuntimeError("fake start failure")
+        self.started = True
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: GenParams, request_id: str
+    ) -> AsyncIterator[Delta]:
+        if self.dead:
+            raise EngineDead("fake engine is dead")
+        self.requests.append((prompt_token_ids, params))
+        text = self.script(prompt_token_ids, params)
+        limit = params.max_tokens
+        finish = "stop"
+        if len(text) > limit:
+            text, finish = text[:limit], "length"
+        self.live.add(request_id)
+        finished = False
+        try:
+            chunks = [text[i : i + self.delta_chars] for i in range(0, len(text), self.delta_chars)]
+            for i, chunk in enumerate(chunks):
+                self.in_generation.set()
+                if self.step_s:
+                    await asyncio.sleep(self.step_s)
+                if self.dead:
+                    raise EngineDead("fake engine died")
+                last = i == len(chunks) - 1
+                finished = last
+                yield Delta(
+                    text=chunk,
+                    new_tokens=len(chunk),
+                    finished=last,
+                    finish_reason=finish if last else None,  # type: ignore[arg-type]
+                    prompt_tokens=len(prompt_token_ids),
+                    cached_tokens=0,
+                )
+            if not chunks:
+                finished = True
+                yield Delta("", 0, True, "stop", len(prompt_token_ids), 0)
+        finally:
+            self.live.discard(request_id)
+            if not finished:
+                self.aborted.append(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.live.discard(request_id)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.live
+
+    @property
+    def errored(self) -> bool:
+        return self.dead
+
+    async def shutdown(self) -> None:
+        self.started = False
+
+
+class FakeEngineFactory:
+    """Records the engines it made (one per distinct model + engine args)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+        self.made: list[FakeEngine] = []
+
+    def __call__(self, engine_id: str, model_ref: str, engine_args: dict[str, Any]) -> FakeEngine:
+        engine = FakeEngine(engine_id, model_ref, dict(engine_args), **self.kwargs)
+        engine.max_model_len = int(engine_args.get("max_model_len", 4096))
+        self.made.append(engine)
+        return engine

@@ -1,0 +1,435 @@
+"""The inference service through a real gRPC server on 127.0.0.1:0, over a fake engine.
+
+Covers what does not need a real model: statuses, caps, deadlines -> aborts, engine death,
+CallTools planning (which generations, which grammars), streaming shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from agentmesh.common.v1 import common_pb2
+from agentmesh.inference.v1 import inference_pb2 as pb
+from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from services.inference.config import InferenceSettings
+from services.inference.engine import GenParams
+from services.inference.service import SERVICE_NAME, InferenceService, lane_health_name
+from shared.server import GrpcServer
+from tests.inference.fakes import FakeEngine, FakeEngineFactory
+
+LOOKUP = {
+    "type": "object",
+    "properties": {"customer_id": {"type": "string"}},
+    "required": ["customer_id"],
+}
+
+
+def tool(name: str, schema: object = LOOKUP) -> common_pb2.ToolSpec:
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    return common_pb2.ToolSpec(name=name, description=f"does {name}", parameters_json_schema=text)
+
+
+def user(text: str) -> list[common_pb2.ChatMessage]:
+    return [common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=text)]
+
+
+@dataclass
+class Fake:
+    server: GrpcServer
+    stub: pb_grpc.InferenceServiceStub
+    channel: grpc.aio.Channel
+    engine: FakeEngine
+    service: InferenceService
+
+
+async def _start(factory: FakeEngineFactory, speed_cap: int = 32) -> Fake:
+    settings = InferenceSettings(port=0, metrics_port=0, grace_seconds=1)
+    lanes = settings.load_lanes()
+    lanes.lanes["speed"].max_concurrency = speed_cap
+    service = InferenceService(settings, lanes, engine_factory=factory)
+    server = GrpcServer(service, settings)
+    await server.start()
+    await server.wait_until_serving(10)
+    channel = grpc.aio.insecure_channel(server.address)
+    return Fake(server, pb_grpc.InferenceServiceStub(channel), channel, factory.made[0], service)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Fake]:
+    f = await _start(FakeEngineFactory())
+    yield f
+    await f.channel.close()
+    await f.server.stop(grace=1)
+
+
+async def test_one_engine_serves_all_lanes_and_health_names_are_serving(fake: Fake) -> None:
+    assert len(fake.service.core.engines) == 1 and fake.engine.started
+    health = health_pb2_grpc.HealthStub(fake.channel)
+    for name in [
+        "",
+        SERVICE_NAME,
+        *(lane_health_name(n) for n in ["workhorse", "planner", "heavy", "speed"]),
+    ]:
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+    lanes = await fake.stub.ListLanes(pb.ListLanesRequest(), timeout=5)
+    assert lanes.preset == "embedded"
+    assert [lane.name for lane in lanes.lanes] == ["workhorse", "planner", "heavy", "speed"]
+    assert {lane.engine_id for lane in lanes.lanes} == {"engine-0"}
+    assert all(lane.state == pb.LANE_STATE_SERVING for lane in lanes.lanes)
+
+
+async def test_stream_forwards_deltas_then_summary(fake: Fake) -> None:
+    fake.engine.script = lambda ids, p: "one two three four five six"
+    req = pb.StreamGenerateRequest(
+        messages=user("hi"),
+        lane=pb.LaneSelector(stage=common_pb2.STAGE_COMPOSE, escalation_level=1),
+    )
+    events = [e async for e in fake.stub.StreamGenerate(req, timeout=10)]
+    deltas = [e.text_delta for e in events if e.WhichOneof("event") == "text_delta"]
+    assert len(deltas) > 3 and "".join(deltas) == "one two three four five six"
+    summary = events[-1].summary
+    assert events[-1].WhichOneof("event") == "summary"
+    assert summary.usage.completion_tokens == len("one two three four five six")
+    assert summary.usage.prompt_tokens > 0
+    assert summary.finish_reason == pb.FINISH_REASON_STOP
+    assert summary.lane.lane == "planner" and "escalation level 1" in summary.lane.reason
+    registry = fake.service.metrics_registry
+    labels = {"lane": "planner", "kind": "completion"}
+    assert registry.get_sample_value("agentmesh_inference_tokens_total", labels) == len(
+        "one two three four five six"
+    )
+
+
+async def test_generate_json_schema_and_sampling_reach_the_engine(fake: Fake) -> None:
+    fake.engine.script = lambda ids, p: '{"steps":[]}'
+    schema = {"type": "object", "properties": {"steps": {"type": "array"}}}
+    reply = await fake.stub.Generate(
+        pb.GenerateRequest(
+            messages=user("plan"),
+            lane=pb.LaneSelector(lane="workhorse"),
+            sampling=pb.SamplingParams(max_tokens=7, temperature=0.5, seed=3),
+            response_format=pb.ResponseFormat(json_schema=json.dumps(schema)),
+        ),
+        timeout=10,
+    )
+    assert reply.finish_reason == pb.FINISH_REASON_LENGTH  # 12 chars > 7 tokens
+    _, params = fake.engine.requests[-1]
+    assert params.max_tokens == 7 and params.temperature == 0.5 and params.seed == 3
+    assert params.grammar is not None and "steps" in params.grammar
+
+
+def _code_and_message(err: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
+    return err.code(), err.details() or ""
+
+
+BAD_INPUTS = [
+    (
+        "unknown lane",
+        "Generate",
+        pb.GenerateRequest(messages=user("x"), lane=pb.LaneSelector(lane="nope")),
+        grpc.StatusCode.NOT_FOUND,
+        "nope",
+    ),
+    ("no messages", "Generate", pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "messages"),
+    (
+        "no messages (stream)",
+        "StreamGenerate",
+        pb.StreamGenerateRequest(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "messages",
+    ),
+    (
+        "prompt too long",
+        "Generate",
+        pb.GenerateRequest(messages=user("y" * 5000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "4096",
+    ),
+    (
+        "bad tool schema",
+        "CallTools",
+        pb.CallToolsRequest(
+            messages=user("x"),
+            tools=[tool("fine"), tool("bad_tool", {"type": "object", "required": "oops"})],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "bad_tool",
+    ),
+    (
+        "tool schema not json",
+        "CallTools",
+        pb.CallToolsRequest(messages=user("x"), tools=[tool("broken", "{nope")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "broken",
+    ),
+    (
+        "no tools",
+        "CallTools",
+        pb.CallToolsRequest(messages=user("x")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tools",
+    ),
+    (
+        "named tool missing",
+        "CallTools",
+        pb.CallToolsRequest(
+            messages=user("x"),
+            tools=[tool("a")],
+            tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_NAMED, names=["b"]),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'b'",
+    ),
+    (
+        "bad response schema",
+        "Generate",
+        pb.GenerateRequest(messages=user("x"), response_format=pb.ResponseFormat(json_schema="[1")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "response_format",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "method", "request_msg", "code", "needle"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
+)
+async def test_bad_input_statuses(
+    fake: Fake, case: str, method: str, request_msg: object, code: grpc.StatusCode, needle: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        call = getattr(fake.stub, method)(request_msg, timeout=10)
+        if method == "StreamGenerate":
+            async for _ in call:
+                pass
+        else:
+            await call
+    got, message = _code_and_message(err.value)
+    assert got == code, message
+    assert needle in message
+    if case == "prompt too long":
+        assert "5" in message and "tokens" in message  # both counts
+    assert not fake.engine.requests  # nothing reached the engine
+
+
+async def test_lane_cap_gives_resource_exhausted_with_retry_hint() -> None:
+    factory = FakeEngineFactory(step_s=0.05)
+    f = await _start(factory, speed_cap=1)
+    try:
+        f.engine.script = lambda ids, p: "x" * 200
+        first = f.stub.StreamGenerate(
+            pb.StreamGenerateRequest(messages=user("a"), lane=pb.LaneSelector(lane="speed")),
+            timeout=30,
+        )
+        await first.read()  # the first request holds the only slot
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await f.stub.Generate(
+                pb.GenerateRequest(messages=user("b"), lane=pb.LaneSelector(lane="speed")),
+                timeout=10,
+            )
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        status = rpc_status.from_call(err.value)
+        assert status is not None
+        retry = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+        assert retry, "RetryInfo detail missing"
+        info = error_details_pb2.RetryInfo()
+        retry[0].Unpack(info)
+        assert info.retry_delay.ToMilliseconds() > 0
+        # Another lane on the same engine is not affected by speed's cap.
+        ok = await f.stub.Generate(
+            pb.GenerateRequest(messages=user("c"), lane=pb.LaneSelector(lane="workhorse")),
+            timeout=30,
+        )
+        assert ok.lane.lane == "workhorse"
+        first.cancel()
+    finally:
+        await f.channel.close()
+        await f.server.stop(grace=1)
+
+
+async def test_deadline_aborts_the_engine_request() -> None:
+    factory = FakeEngineFactory(step_s=0.05)
+    f = await _start(factory)
+    try:
+        f.engine.script = lambda ids, p: "z" * 400
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await f.stub.Generate(pb.GenerateRequest(messages=user("slow")), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(100):
+            if f.engine.aborted:
+                break
+            await asyncio.sleep(0.02)
+        assert len(f.engine.aborted) == 1
+        assert not f.engine.live and not f.service.core.live_requests
+        assert all(lane.in_flight == 0 for lane in f.service.core.lanes.values())
+    finally:
+        await f.channel.close()
+        await f.server.stop(grace=1)
+
+
+async def test_engine_death_flips_health_and_fails_fast(fake: Fake) -> None:
+    fake.engine.dead = True
+    health = health_pb2_grpc.HealthStub(fake.channel)
+    name = lane_health_name("workhorse")
+    status = None
+    for _ in range(60):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+        status = reply.status
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        await asyncio.sleep(0.1)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    for overall in ["", SERVICE_NAME]:  # every lane is down: so is the service
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=overall), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING, overall
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await fake.stub.Generate(pb.GenerateRequest(messages=user("x")), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    lanes = await fake.stub.ListLanes(pb.ListLanesRequest(), timeout=5)
+    assert all(lane.state == pb.LANE_STATE_FAILED for lane in lanes.lanes)
+
+
+def _hermes(name: str, args: dict[str, object]) -> str:
+    body = json.dumps({"name": name, "arguments": args}, separators=(",", ":"))
+    return f"<tool_call>\n{body}\n</tool_call>"
+
+
+async def test_call_tools_named_parallel_is_one_generation_per_tool(fake: Fake) -> None:
+    names = ["crm_lookup", "kb_search", "billing_invoice"]
+
+    def script(ids: list[int], p: GenParams) -> str:
+        assert p.grammar is not None
+        (name,) = [n for n in names if f'\\"{n}\\"' in p.grammar]
+        return _hermes(name, {"customer_id": name[:3]})
+
+    fake.engine.script = script
+    reply = await fake.stub.CallTools(
+        pb.CallToolsRequest(
+            messages=user("do three things"),
+            tools=[tool(n) for n in names],
+            tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_NAMED, names=names),
+            parallel=True,
+            lane=pb.LaneSelector(stage=common_pb2.STAGE_TOOL_CALL),
+        ),
+        timeout=10,
+    )
+    assert reply.generations == 3
+    assert [c.call.name for c in reply.calls] == names
+    assert all(c.outcome == pb.PARSE_OUTCOME_OK for c in reply.calls)
+    assert json.loads(reply.calls[1].call.arguments_json) == {"customer_id": "kb_"}
+    prompts = {tuple(ids) for ids, _ in fake.engine.requests}
+    assert len(prompts) == 1  # same prompt -> same prefix for the cache
+    assert reply.usage.completion_tokens == sum(len(c.raw_text) for c in reply.calls)
+
+
+async def test_call_tools_parallel_selection_then_arguments(fake: Fake) -> None:
+    calls: list[GenParams] = []
+
+    def script(ids: list[int], p: GenParams) -> str:
+        calls.append(p)
+        if len(calls) == 1:
+            return '["b","a"]'
+        (name,) = [n for n in ["a", "b", "c"] if f'\\"{n}\\"' in (p.grammar or "")]
+        return _hermes(name, {"customer_id": name})
+
+    fake.engine.script = script
+    reply = await fake.stub.CallTools(
+        pb.CallToolsRequest(
+            messages=user("x"),
+            tools=[tool("a"), tool("b"), tool("c")],
+            tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_REQUIRED),
+            parallel=True,
+        ),
+        timeout=10,
+    )
+    assert reply.generations == 3  # 1 selection + 2 argument generations
+    assert [c.call.name for c in reply.calls] == ["b", "a"]
+    assert all(c.outcome == pb.PARSE_OUTCOME_OK for c in reply.calls)
+
+
+async def test_call_tools_single_generation_respects_max_calls(fake: Fake) -> None:
+    fake.engine.script = lambda ids, p: "\n".join(
+        _hermes("a", {"customer_id": str(i)}) for i in range(4)
+    )
+    reply = await fake.stub.CallTools(
+        pb.CallToolsRequest(
+            messages=user("x"),
+            tools=[tool("a")],
+            max_calls=2,
+            tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_REQUIRED),
+        ),
+        timeout=10,
+    )
+    assert reply.generations == 1 and len(reply.calls) == 2
+    _, params = fake.engine.requests[-1]
+    assert params.grammar is not None
+
+
+async def test_unconstrained_mode_decodes_freely_and_reports_failures(fake: Fake) -> None:
+    fake.engine.script = lambda ids, p: (
+        '<tool_call>\n{"name":"a","arguments":{"cust":1}}\n</tool_call>'
+    )
+    reply = await fake.stub.CallTools(
+        pb.CallToolsRequest(
+            messages=user("x"),
+            tools=[tool("a")],
+            decoding=pb.DECODING_MODE_UNCONSTRAINED,
+            tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_REQUIRED),
+        ),
+        timeout=10,
+    )
+    _, params = fake.engine.requests[-1]
+    assert params.grammar is None
+    assert len(reply.calls) == 1
+    assert reply.calls[0].outcome == pb.PARSE_OUTCOME_FAILED
+    assert "schema" in reply.calls[0].parse_error
+    assert reply.calls[0].raw_text.startswith("<tool_call>")
+
+
+async def test_auto_mode_text_answer_means_no_calls(fake: Fake) -> None:
+    fake.engine.script = lambda ids, p: "No tool needed."
+    reply = await fake.stub.CallTools(
+        pb.CallToolsRequest(
+            messages=user("hello"),
+            tools=[tool("a")],
+            tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_AUTO),
+        ),
+        timeout=10,
+    )
+    assert len(reply.calls) == 0 and reply.generations == 1
+
+
+async def test_deadline_during_parallel_call_tools_aborts_every_generation() -> None:
+    f = await _start(FakeEngineFactory(step_s=0.05))
+    try:
+        f.engine.script = lambda ids, p: "x" * 400
+        names = ["a", "b", "c"]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await f.stub.CallTools(
+                pb.CallToolsRequest(
+                    messages=user("x"),
+                    tools=[tool(n) for n in names],
+                    parallel=True,
+                    tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_NAMED, names=names),
+                ),
+                timeout=0.5,
+            )
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(100):
+            if len(f.engine.aborted) == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert len(f.engine.aborted) == 3
+        assert not f.engine.live and not f.service.core.live_requests
+    finally:
+        await f.channel.close()
+        await f.server.stop(grace=1)
