@@ -12,14 +12,19 @@ import contextlib
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cli import chat
+from shared.config import BootstrapSettings, child_process_environment
+
 app = typer.Typer(help="agentmesh: a gRPC agent backend on vLLM.", no_args_is_help=True)
 console = Console(stderr=True)
+EMBEDDED_CONFIG = Path("config/embedded.yaml")
 
 
 @dataclass(frozen=True)
@@ -46,13 +51,16 @@ async def _relay(name: str, colour: str, stream: asyncio.StreamReader) -> None:
         console.print(text, highlight=False, soft_wrap=True)
 
 
-async def _run_mesh(only: list[str]) -> int:
+async def _run_mesh(only: list[str], config: Path | None) -> int:
     processes: list[tuple[ServiceProcess, asyncio.subprocess.Process]] = []
     relays: list[asyncio.Task[None]] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    child_env = child_process_environment(config)
+    if config is not None:
+        console.print(f"config: {config}")
     for spec in MESH:
         if only and spec.name not in only:
             continue
@@ -60,6 +68,7 @@ async def _run_mesh(only: list[str]) -> int:
             sys.executable,
             "-m",
             spec.module,
+            env=child_env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
@@ -106,11 +115,18 @@ async def _run_mesh(only: list[str]) -> int:
 @app.command()
 def up(
     only: list[str] = typer.Option([], "--only", help="Start only these services (repeatable)."),
+    config: Path | None = typer.Option(
+        None,
+        help="YAML config with inference/tools/orchestrator sections. Default: $AGENTMESH_CONFIG "
+        f"if set, else {EMBEDDED_CONFIG} (the mesh on this machine with the embedded model).",
+    ),
 ) -> None:
     """Start tools, inference and orchestrator in this terminal; Ctrl-C stops them cleanly."""
     import uvloop
 
-    raise typer.Exit(uvloop.run(_run_mesh(only)))
+    if config is None and BootstrapSettings().config is None and EMBEDDED_CONFIG.exists():
+        config = EMBEDDED_CONFIG
+    raise typer.Exit(uvloop.run(_run_mesh(only, config)))
 
 
 async def _check_health(targets: dict[str, str]) -> dict[str, str]:
@@ -145,15 +161,7 @@ def health(
         raise typer.Exit(1)
 
 
-def _mount_optional_commands() -> None:
-    """Commands owned by the services' packages (the chat client comes with the orchestrator)."""
-    with contextlib.suppress(ImportError):
-        from cli import chat
-
-        chat.register(app)
-
-
-_mount_optional_commands()
+chat.register(app)
 
 if __name__ == "__main__":
     app()

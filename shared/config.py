@@ -115,3 +115,13 @@ def load_settings(
 
     loaded = _Loaded(**overrides)
     return cls.model_validate(loaded.model_dump())
+
+
+def child_process_environment(config_file: Path | None) -> dict[str, str]:
+    """This process's environment for a child service, pointing it at ``config_file``."""
+    import os
+
+    env = dict(os.environ)
+    if config_file is not None:
+        env["AGENTMESH_CONFIG"] = str(config_file.resolve())
+    return env

@@ -1,7 +1,2 @@
-"""Inference test fixtures: the session-wide real server (re-exported) and fake-engine servers."""
-
-from __future__ import annotations
-
-from tests.fixtures_inference import inference_server, inference_stack
-
-__all__ = ["inference_server", "inference_stack"]
+"""Inference test fixtures: the session-wide real server comes from tests/fixtures_inference.py
+(registered in tests/conftest.py)."""

@@ -1,0 +1,354 @@
+"""gRPC adapters implementing the loop's ports over the inference and tools services.
+
+Each call gets the loop's ``timeout_s`` as its gRPC deadline. If the awaiting task is
+cancelled (client disconnect), the call is cancelled too, so the inference service aborts the
+engine request and the tools service cancels pending tool calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+import grpc
+from agentmesh.common.v1 import common_pb2
+from agentmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from agentmesh.tools.v1 import tools_pb2, tools_pb2_grpc
+from google.protobuf import duration_pb2
+
+from services.orchestrator.loop.types import (
+    CallToolsResult,
+    ComposeDelta,
+    ComposeDone,
+    Decoding,
+    Effect,
+    EmittedCall,
+    GenerateResult,
+    GenerationStats,
+    LaneRequest,
+    Message,
+    Role,
+    ToolCall,
+    ToolDef,
+    ToolInvocation,
+    ToolOutcome,
+    Usage,
+)
+from shared.errors import (
+    AgentmeshError,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+INFERENCE_SERVICE = "agentmesh.inference.v1.InferenceService"
+TOOLS_SERVICE = "agentmesh.tools.v1.ToolService"
+# Side-effect free, so safe to retry on UNAVAILABLE. ExecuteTools too: every write in it
+# carries an idempotency key, so a retried batch never moves money twice.
+INFERENCE_RETRY_METHODS: list[tuple[str, str | None]] = [
+    (INFERENCE_SERVICE, "Generate"),
+    (INFERENCE_SERVICE, "CallTools"),
+    (INFERENCE_SERVICE, "ListLanes"),
+]
+TOOLS_RETRY_METHODS: list[tuple[str, str | None]] = [
+    (TOOLS_SERVICE, "ListTools"),
+    (TOOLS_SERVICE, "ExecuteTools"),
+]
+
+_ROLES = {
+    Role.SYSTEM: common_pb2.ROLE_SYSTEM,
+    Role.USER: common_pb2.ROLE_USER,
+    Role.ASSISTANT: common_pb2.ROLE_ASSISTANT,
+    Role.TOOL: common_pb2.ROLE_TOOL,
+}
+_ROLES_BACK = {v: k for k, v in _ROLES.items()}
+_STAGES = {
+    "plan": common_pb2.STAGE_PLAN,
+    "tool_call": common_pb2.STAGE_TOOL_CALL,
+    "compose": common_pb2.STAGE_COMPOSE,
+}
+
+
+# ---------------------------------------------------------------------- conversions
+
+
+def message_to_proto(message: Message) -> common_pb2.ChatMessage:
+    return common_pb2.ChatMessage(
+        role=_ROLES[message.role],
+        content=message.content,
+        tool_calls=[
+            common_pb2.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json)
+            for c in message.tool_calls
+        ],
+        tool_call_id=message.tool_call_id,
+        name=message.name,
+    )
+
+
+def message_from_proto(message: common_pb2.ChatMessage) -> Message:
+    return Message(
+        role=_ROLES_BACK.get(message.role, Role.USER),
+        content=message.content,
+        tool_calls=tuple(ToolCall(c.id, c.name, c.arguments_json) for c in message.tool_calls),
+        tool_call_id=message.tool_call_id,
+        name=message.name,
+    )
+
+
+def tool_to_proto(tool: ToolDef) -> common_pb2.ToolSpec:
+    return common_pb2.ToolSpec(
+        name=tool.name,
+        description=tool.description,
+        parameters_json_schema=tool.parameters_json_schema,
+        effect=common_pb2.TOOL_EFFECT_WRITE
+        if tool.effect is Effect.WRITE
+        else common_pb2.TOOL_EFFECT_READ,
+        timeout_ms=tool.timeout_ms,
+    )
+
+
+def tool_from_proto(spec: common_pb2.ToolSpec) -> ToolDef:
+    return ToolDef(
+        name=spec.name,
+        description=spec.description,
+        parameters_json_schema=spec.parameters_json_schema,
+        effect=Effect.WRITE if spec.effect == common_pb2.TOOL_EFFECT_WRITE else Effect.READ,
+        timeout_ms=spec.timeout_ms,
+    )
+
+
+def lane_to_proto(lane: LaneRequest) -> inference_pb2.LaneSelector:
+    return inference_pb2.LaneSelector(
+        lane=lane.lane,
+        stage=_STAGES.get(lane.stage, common_pb2.STAGE_UNSPECIFIED),
+        escalation_level=lane.escalation_level,
+    )
+
+
+def _seconds(value: duration_pb2.Duration) -> float:
+    return value.seconds + value.nanos / 1e9
+
+
+def _usage(value: common_pb2.Usage) -> Usage:
+    return Usage(value.prompt_tokens, value.completion_tokens, value.cached_prompt_tokens)
+
+
+def _finish(value: int) -> str:
+    return inference_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_")  # type: ignore[arg-type]
+
+
+def domain_error(error: grpc.aio.AioRpcError, what: str) -> AgentmeshError:
+    """A downstream status as our own error (the downstream's text stays out, except the
+    field-level messages our own services write for bad arguments)."""
+    code = error.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"{what} did not answer in time")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(f"{what} is at capacity", retry_after_s=1.0)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(what, error.details() or "rejected the request")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(f"{what}: not found")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(f"{what}: failed precondition")
+    if code == grpc.StatusCode.CANCELLED:
+        return Cancelled(f"{what} was cancelled")
+    return Unavailable(f"{what} is unavailable")
+
+
+async def _unary(call: Any, what: str) -> Any:
+    """Awaits a unary call; cancelling the awaiting task cancels the RPC."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    except grpc.aio.AioRpcError as error:
+        raise domain_error(error, what) from None
+
+
+# ---------------------------------------------------------------------- ports
+
+
+class GrpcInference:
+    """InferencePort over InferenceService."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+    async def plan(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDef],
+        lane: LaneRequest,
+        *,
+        json_schema: str,
+        max_tokens: int,
+        timeout_s: float,
+    ) -> GenerateResult:
+        request = inference_pb2.GenerateRequest(
+            messages=[message_to_proto(m) for m in messages],
+            lane=lane_to_proto(lane),
+            sampling=inference_pb2.SamplingParams(max_tokens=max_tokens),
+            tools=[tool_to_proto(t) for t in tools],
+            response_format=inference_pb2.ResponseFormat(json_schema=json_schema),
+        )
+        response: inference_pb2.GenerateResponse = await _unary(
+            self._stub.Generate(request, timeout=timeout_s), "the inference service"
+        )
+        return GenerateResult(
+            text=response.text,
+            stats=GenerationStats(
+                lane=response.lane.lane,
+                model=response.lane.model,
+                usage=_usage(response.usage),
+                ttft_s=_seconds(response.time_to_first_token),
+                elapsed_s=_seconds(response.elapsed),
+                generations=1,
+                finish_reason=_finish(response.finish_reason),
+            ),
+        )
+
+    async def emit_tool_calls(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDef],
+        names: Sequence[str],
+        lane: LaneRequest,
+        *,
+        parallel: bool,
+        decoding: Decoding,
+        max_tokens: int | None,
+        timeout_s: float,
+    ) -> CallToolsResult:
+        request = inference_pb2.CallToolsRequest(
+            messages=[message_to_proto(m) for m in messages],
+            tools=[tool_to_proto(t) for t in tools],
+            tool_choice=inference_pb2.ToolChoice(
+                mode=inference_pb2.ToolChoice.MODE_NAMED, names=list(names)
+            ),
+            max_calls=len(names),
+            lane=lane_to_proto(lane),
+            sampling=inference_pb2.SamplingParams(max_tokens=max_tokens)
+            if max_tokens
+            else inference_pb2.SamplingParams(),
+            parallel=parallel,
+            decoding=inference_pb2.DECODING_MODE_UNCONSTRAINED
+            if decoding is Decoding.UNCONSTRAINED
+            else inference_pb2.DECODING_MODE_CONSTRAINED,
+        )
+        response: inference_pb2.CallToolsResponse = await _unary(
+            self._stub.CallTools(request, timeout=timeout_s), "the inference service"
+        )
+        return CallToolsResult(
+            calls=tuple(
+                EmittedCall(
+                    call=ToolCall(c.call.id, c.call.name, c.call.arguments_json),
+                    ok=c.outcome == inference_pb2.PARSE_OUTCOME_OK,
+                    parse_error=c.parse_error,
+                    raw_text=c.raw_text,
+                )
+                for c in response.calls
+            ),
+            stats=GenerationStats(
+                lane=response.lane.lane,
+                model=response.lane.model,
+                usage=_usage(response.usage),
+                elapsed_s=_seconds(response.elapsed),
+                generations=max(1, response.generations),
+            ),
+        )
+
+    async def compose(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDef],
+        lane: LaneRequest,
+        *,
+        max_tokens: int,
+        timeout_s: float,
+    ) -> AsyncGenerator[ComposeDelta | ComposeDone, None]:
+        request = inference_pb2.StreamGenerateRequest(
+            messages=[message_to_proto(m) for m in messages],
+            lane=lane_to_proto(lane),
+            sampling=inference_pb2.SamplingParams(max_tokens=max_tokens),
+            tools=[tool_to_proto(t) for t in tools],
+        )
+        call = self._stub.StreamGenerate(request, timeout=timeout_s)
+        try:
+            async for response in call:
+                if response.HasField("summary"):
+                    s = response.summary
+                    yield ComposeDone(
+                        GenerationStats(
+                            lane=s.lane.lane,
+                            model=s.lane.model,
+                            usage=_usage(s.usage),
+                            ttft_s=_seconds(s.time_to_first_token),
+                            elapsed_s=_seconds(s.elapsed),
+                            generations=1,
+                            finish_reason=_finish(s.finish_reason),
+                        )
+                    )
+                elif response.text_delta:
+                    yield ComposeDelta(response.text_delta)
+        except grpc.aio.AioRpcError as error:
+            raise domain_error(error, "the inference service") from None
+        finally:
+            # A no-op once the stream ended; aborts the engine request otherwise.
+            call.cancel()
+
+
+class GrpcTools:
+    """ToolsPort over ToolService."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = tools_pb2_grpc.ToolServiceStub(channel)
+
+    async def list_tools(self, *, timeout_s: float) -> list[ToolDef]:
+        response: tools_pb2.ListToolsResponse = await _unary(
+            self._stub.ListTools(tools_pb2.ListToolsRequest(), timeout=timeout_s),
+            "the tool service",
+        )
+        return [tool_from_proto(t) for t in response.tools]
+
+    async def execute(
+        self, invocations: Sequence[ToolInvocation], *, timeout_s: float
+    ) -> list[ToolOutcome]:
+        request = tools_pb2.ExecuteToolsRequest(
+            invocations=[
+                tools_pb2.ToolInvocation(
+                    call_id=i.call_id,
+                    name=i.name,
+                    arguments_json=i.arguments_json,
+                    idempotency_key=i.idempotency_key,
+                    timeout_ms=i.timeout_ms,
+                )
+                for i in invocations
+            ]
+        )
+        response: tools_pb2.ExecuteToolsResponse = await _unary(
+            self._stub.ExecuteTools(request, timeout=timeout_s), "the tool service"
+        )
+        return [
+            ToolOutcome(
+                call_id=r.call_id,
+                name=r.name,
+                status=tools_pb2.ToolResultStatus.Name(r.status).removeprefix(  # type: ignore[arg-type]
+                    "TOOL_RESULT_STATUS_"
+                ),
+                error_message=r.error_message,
+                result_json=r.result_json,
+                fenced_result=r.fenced_result,
+                truncated=r.truncated,
+                latency_s=_seconds(r.latency),
+                source=r.source,
+                replayed=r.replayed,
+            )
+            for r in response.results
+        ]

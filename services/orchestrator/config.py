@@ -1,0 +1,61 @@
+"""Typed settings of the orchestrator (env prefix ``AGENTMESH_ORCHESTRATOR_``).
+
+Budget defaults are the seed's (5 tool calls per turn, 25 per task, 5 s per turn, 25 s per
+task) — right for a GPU workhorse at ~135 tokens/s. On a 2-core CPU running the 135M embedded
+model (~10 tokens/s) one turn (plan + 3 parallel calls + compose) takes tens of seconds, so the
+embedded preset raises ``caps.turn_budget_s`` / ``caps.task_budget_s`` and lowers the token
+limits: ``config/embedded.yaml`` (what ``make run`` starts) carries those values.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.orchestrator.loop.policy import AgentProfile, Caps
+from shared.config import ClientSettings, ServiceSettings
+
+REFERENCE_READ_TOOLS = ["crm_lookup", "kb_search", "billing_lookup"]
+
+
+def _reference_profile() -> AgentProfile:
+    """The seed's customer-success agent: every turn's first round fires CRM + KB + billing."""
+    return AgentProfile(
+        min_tools_first_round=3,
+        required_first_round_tools=list(REFERENCE_READ_TOOLS),
+        preferred_tools=list(REFERENCE_READ_TOOLS),
+    )
+
+
+class OrchestratorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AGENTMESH_ORCHESTRATOR_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    port: int = 50051
+    metrics_port: int = 9101
+
+    inference: ClientSettings = Field(
+        default_factory=lambda: ClientSettings(target="127.0.0.1:50052")
+    )
+    tools: ClientSettings = Field(default_factory=lambda: ClientSettings(target="127.0.0.1:50053"))
+
+    # sqlite+aiosqlite:///path (embedded default: under data_dir), postgresql+asyncpg://...
+    # or redis://host:port/db for several replicas.
+    session_store_url: str | None = None
+    # Table / key prefix, so several deployments can share one database.
+    session_store_prefix: str = "agentmesh_"
+
+    # Defaults of every new session; CreateSession may override any field.
+    caps: Caps = Field(default_factory=Caps)
+    profile: AgentProfile = Field(default_factory=_reference_profile)
+
+    # A turn's lease in the store lives turn_budget_s + this; a dead replica's lease expires.
+    lease_margin_s: float = Field(default=30.0, ge=0)
+    # Warm-up waits this long for the inference and tools services to report SERVING.
+    dependency_wait_s: float = Field(default=600.0, gt=0)
+
+    def resolved_store_url(self) -> str:
+        if self.session_store_url:
+            return self.session_store_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'orchestrator.sqlite').resolve()}"

@@ -1,0 +1,122 @@
+"""Typed events a turn yields. The servicer maps them to RunTurnResponse; the session layer
+persists MessagesCommitted as they happen so a crash loses no completed step."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from services.orchestrator.loop.types import Message, Usage
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    turn_id: str
+    turn_index: int
+
+
+@dataclass(frozen=True)
+class PlanMade:
+    text: str
+    chosen_tools: tuple[str, ...]
+    lane: str
+    round: int
+
+
+@dataclass(frozen=True)
+class ToolCallStarted:
+    call_id: str
+    name: str
+    arguments_json: str
+    round: int
+
+
+@dataclass(frozen=True)
+class ToolCallFinished:
+    call_id: str
+    name: str
+    arguments_json: str
+    # A tools.v1 status name ("OK", "UNAVAILABLE", ...) or REFUSED / SKIPPED_DUPLICATE.
+    status: str
+    latency_s: float
+    truncated: bool
+    error_message: str
+    round: int
+
+
+class EscalationKind(enum.Enum):
+    REPROMPT_WITH_SCHEMA = "reprompt_with_schema"
+    LANE_ESCALATION = "lane_escalation"
+
+
+@dataclass(frozen=True)
+class Escalated:
+    kind: EscalationKind
+    from_lane: str
+    to_lane: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ComposeText:
+    text: str
+
+
+@dataclass(frozen=True)
+class MessagesCommitted:
+    """Messages that completed and belong in the session history (internal, not streamed)."""
+
+    messages: tuple[Message, ...]
+    tool_calls_executed: int = 0
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    FAILED = "failed"
+
+
+@dataclass
+class LaneUsage:
+    lane: str
+    model: str = ""
+    usage: Usage = field(default_factory=Usage)
+    generations: int = 0
+
+
+@dataclass
+class Latency:
+    """The seed's per-turn latency budget table, measured (seconds)."""
+
+    plan: float = 0.0
+    tool_emit: float = 0.0
+    tool_wall: float = 0.0
+    observe: float = 0.0
+    compose: float = 0.0
+    queue_prefill: float = 0.0
+    network: float = 0.0
+    total: float = 0.0
+
+
+@dataclass(frozen=True)
+class TurnCompleted:
+    turn_id: str
+    answer: str
+    outcome: Outcome
+    usage: tuple[LaneUsage, ...]
+    latency: Latency
+    tool_calls: int
+    task_tool_calls: int
+    notes: tuple[str, ...]
+
+
+TurnEvent = (
+    TurnStarted
+    | PlanMade
+    | ToolCallStarted
+    | ToolCallFinished
+    | Escalated
+    | ComposeText
+    | MessagesCommitted
+    | TurnCompleted
+)

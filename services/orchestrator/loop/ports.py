@@ -1,0 +1,78 @@
+"""The ports the turn loop talks through. gRPC adapters implement them in production
+(services/orchestrator/clients.py); tests pass in-process fakes.
+
+Every method takes ``timeout_s``: the seconds left for that call (turn budget ∩ task budget ∩
+the caller's RPC deadline, minus a margin). Errors are shared.errors domain errors
+(Unavailable, DeadlineExceeded, InvalidArgument, ResourceExhausted, ...). Cancelling the
+awaiting task must cancel the downstream work (the engine generation, the tool calls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from typing import Protocol
+
+from services.orchestrator.loop.types import (
+    CallToolsResult,
+    ComposeDelta,
+    ComposeDone,
+    Decoding,
+    GenerateResult,
+    LaneRequest,
+    Message,
+    ToolDef,
+    ToolInvocation,
+    ToolOutcome,
+)
+
+
+class InferencePort(Protocol):
+    async def plan(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDef],
+        lane: LaneRequest,
+        *,
+        json_schema: str,
+        max_tokens: int,
+        timeout_s: float,
+    ) -> GenerateResult:
+        """One non-streamed generation whose output matches ``json_schema``."""
+        ...
+
+    async def emit_tool_calls(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDef],
+        names: Sequence[str],
+        lane: LaneRequest,
+        *,
+        parallel: bool,
+        decoding: Decoding,
+        max_tokens: int | None,
+        timeout_s: float,
+    ) -> CallToolsResult:
+        """One call per tool in ``names`` (tool choice NAMED), emitted in parallel."""
+        ...
+
+    def compose(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDef],
+        lane: LaneRequest,
+        *,
+        max_tokens: int,
+        timeout_s: float,
+    ) -> AsyncGenerator[ComposeDelta | ComposeDone, None]:
+        """Text deltas as generated, then exactly one ComposeDone."""
+        ...
+
+
+class ToolsPort(Protocol):
+    async def list_tools(self, *, timeout_s: float) -> list[ToolDef]: ...
+
+    async def execute(
+        self, invocations: Sequence[ToolInvocation], *, timeout_s: float
+    ) -> list[ToolOutcome]:
+        """Runs the batch concurrently; results in invocation order, one per call."""
+        ...

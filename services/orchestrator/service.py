@@ -1,0 +1,123 @@
+"""The orchestrator as a shared.server Service: channels to inference and tools, the session
+store, the turn runner and the AgentService servicer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import grpc
+from agentmesh.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from services.orchestrator.agent import Agent
+from services.orchestrator.clients import (
+    INFERENCE_RETRY_METHODS,
+    INFERENCE_SERVICE,
+    TOOLS_RETRY_METHODS,
+    TOOLS_SERVICE,
+    GrpcInference,
+    GrpcTools,
+)
+from services.orchestrator.config import OrchestratorSettings
+from services.orchestrator.loop.runner import TurnRunner
+from services.orchestrator.metrics import OrchestratorMetrics
+from services.orchestrator.servicer import AgentServicer
+from services.orchestrator.sessions.base import SessionStore
+from services.orchestrator.sessions.factory import store_from_url
+from shared.channels import create_channel
+from shared.config import ClientSettings
+from shared.health import HealthReporter
+
+log = logging.getLogger("agentmesh.orchestrator")
+
+SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+
+
+def _channel(client: ClientSettings, retry: Sequence[tuple[str, str | None]]) -> grpc.aio.Channel:
+    token = client.auth_token.get_secret_value() if client.auth_token else None
+    return create_channel(
+        client.target,
+        retry_methods=retry,
+        auth_token=token,
+        deadline_margin_s=client.deadline_margin_s,
+    )
+
+
+class OrchestratorService:
+    name = "orchestrator"
+    service_names: Sequence[str] = (SERVICE_NAME,)
+
+    def __init__(
+        self,
+        settings: OrchestratorSettings,
+        *,
+        store: SessionStore | None = None,
+        metrics_registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        # Pass the same registry to GrpcServer so /metrics exports these series.
+        self.metrics_registry = metrics_registry or CollectorRegistry()
+        self.metrics = OrchestratorMetrics(self.metrics_registry)
+        self.store = store or store_from_url(
+            settings.resolved_store_url(), prefix=settings.session_store_prefix
+        )
+        self._channels: list[grpc.aio.Channel] = []
+        self._servicer: AgentServicer | None = None
+        self.agent: Agent | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        settings = self.settings
+        inference_channel = _channel(settings.inference, INFERENCE_RETRY_METHODS)
+        tools_channel = _channel(settings.tools, TOOLS_RETRY_METHODS)
+        self._channels = [inference_channel, tools_channel]
+        tools = GrpcTools(tools_channel)
+        runner = TurnRunner(GrpcInference(inference_channel), tools, settings.profile)
+        self.agent = Agent(
+            self.store,
+            runner,
+            tools,
+            settings.caps,
+            lease_margin_s=settings.lease_margin_s,
+        )
+        self._servicer = AgentServicer(self.agent, self.metrics)
+        orchestrator_pb2_grpc.add_AgentServiceServicer_to_server(self._servicer, server)
+
+    async def warm_up(self, health: HealthReporter) -> None:
+        """Open the store, wait for inference and tools to be SERVING, read the registry."""
+        assert self.agent is not None and self._servicer is not None
+        await self.store.open()
+        inference_channel, tools_channel = self._channels
+        await asyncio.gather(
+            _wait_serving(tools_channel, TOOLS_SERVICE, self.settings.dependency_wait_s),
+            _wait_serving(inference_channel, INFERENCE_SERVICE, self.settings.dependency_wait_s),
+        )
+        registry = await self.agent.registry()
+        log.info("tool registry: %s", ", ".join(t.name for t in registry))
+        self._servicer.ready = True
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+        await self.store.close()
+
+
+async def _wait_serving(channel: grpc.aio.Channel, service: str, wait_s: float) -> None:
+    """Polls the dependency's standard health service until it says SERVING."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + wait_s
+    delay = 0.1
+    while True:
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{service} did not become SERVING within {wait_s:.0f} s")
+        await asyncio.sleep(delay)
+        delay = min(1.0, delay * 2)

@@ -1,0 +1,1 @@
+"""Durable session state behind the SessionStore protocol (SQL and Redis backends)."""

@@ -1,0 +1,333 @@
+"""AgentService through a real gRPC server on port 0, over real channels to fake downstream
+inference and tools servers: events, persistence, statuses, leases, replicas, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from agentmesh.common.v1 import common_pb2
+from agentmesh.orchestrator.v1 import orchestrator_pb2 as pb
+from agentmesh.orchestrator.v1 import orchestrator_pb2_grpc
+from google.protobuf import duration_pb2
+
+from services.orchestrator.config import OrchestratorSettings
+from services.orchestrator.loop.policy import Caps
+from services.orchestrator.service import OrchestratorService
+from shared.server import GrpcServer
+from tests.orchestrator.grpc_fakes import (
+    READS,
+    FakeInferenceServicer,
+    FakeToolServicer,
+    start_fake,
+)
+
+
+@dataclass
+class Mesh:
+    inference: FakeInferenceServicer
+    tools: FakeToolServicer
+    inference_address: str
+    tools_address: str
+    store_url: str
+    servers: list[GrpcServer]
+
+    def settings(self, **overrides: Any) -> OrchestratorSettings:
+        values: dict[str, Any] = {
+            "port": 0,
+            "metrics_port": 0,
+            "grace_seconds": 1.0,
+            "inference": {"target": self.inference_address},
+            "tools": {"target": self.tools_address},
+            "session_store_url": self.store_url,
+            "caps": Caps(turn_budget_s=20, task_budget_s=200),
+            "dependency_wait_s": 10,
+        }
+        values.update(overrides)
+        return OrchestratorSettings(**values)
+
+    async def orchestrator(self, **overrides: Any) -> GrpcServer:
+        settings = self.settings(**overrides)
+        service = OrchestratorService(settings)
+        server = GrpcServer(service, settings, metrics_registry=service.metrics_registry)
+        await server.start()
+        await server.wait_until_serving(20)
+        self.servers.append(server)
+        return server
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    inference_server, inference = await start_fake("inference")
+    tools_server, tools = await start_fake("tools")
+    m = Mesh(
+        inference,
+        tools,
+        inference_server.address,
+        tools_server.address,
+        f"sqlite+aiosqlite:///{tmp_path / 'sessions.sqlite'}",
+        [],
+    )
+    try:
+        yield m
+    finally:
+        for server in [*m.servers, inference_server, tools_server]:
+            await server.stop(grace=0.5)
+
+
+@pytest.fixture
+async def stub(mesh: Mesh) -> AsyncIterator[orchestrator_pb2_grpc.AgentServiceStub]:
+    server = await mesh.orchestrator()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        yield orchestrator_pb2_grpc.AgentServiceStub(channel)
+
+
+async def create(stub: Any, **kw: Any) -> pb.Session:
+    response = await stub.CreateSession(pb.CreateSessionRequest(customer_id="CUST-0042", **kw))
+    return response.session  # type: ignore[no-any-return]
+
+
+async def turn(stub: Any, session_id: str, text: str, **kw: Any) -> list[pb.RunTurnResponse]:
+    call = stub.RunTurn(pb.RunTurnRequest(session_id=session_id, user_message=text), **kw)
+    return [r async for r in call]
+
+
+def kinds(events: list[pb.RunTurnResponse]) -> list[str]:
+    return [str(e.WhichOneof("event")) for e in events]
+
+
+async def test_create_get_end_session(stub: Any) -> None:
+    budget = pb.Budget(max_tool_calls_per_task=7)
+    budget.turn_budget.FromSeconds(9)
+    session = await create(stub, budget=budget, metadata={"channel": "web"})
+    assert session.state == pb.SESSION_STATE_ACTIVE
+    assert session.budget.max_tool_calls_per_task == 7
+    assert session.budget.turn_budget.seconds == 9
+    assert session.budget.max_tool_calls_per_turn == 5  # zero took the default
+    assert session.budget.task_budget.seconds == 200
+    got = (await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session
+    assert got.customer_id == "CUST-0042" and got.metadata["channel"] == "web"
+    ended = await stub.EndSession(pb.EndSessionRequest(session_id=session.session_id))
+    assert ended.session.state == pb.SESSION_STATE_ENDED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await turn(stub, session.session_id, "hello again")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_run_turn_streams_every_stage_and_persists_the_turn(stub: Any, mesh: Mesh) -> None:
+    session = await create(stub)
+    events = await turn(stub, session.session_id, "Why was I charged twice?")
+    names = kinds(events)
+    assert names[0] == "turn_started" and names[-1] == "turn_completed"
+    assert names[1] == "plan"
+    assert names.count("tool_call_started") == 3 and names.count("tool_call_finished") == 3
+    assert names.count("compose_delta") > 1
+    assert names.index("tool_call_finished") < names.index("compose_delta")
+    plan = events[1].plan
+    assert list(plan.chosen_tools) == READS and plan.lane == "workhorse" and plan.round == 1
+    finished = [e.tool_call_finished for e in events if e.HasField("tool_call_finished")]
+    assert {f.status for f in finished} == {"OK"}
+    done = events[-1].turn_completed
+    deltas = "".join(e.compose_delta.text for e in events if e.HasField("compose_delta"))
+    assert done.answer == deltas == mesh.inference.answer
+    assert done.outcome == pb.TURN_OUTCOME_COMPLETED
+    assert done.tool_calls == 3 and done.task_tool_calls == 3
+    usage = {u.lane: u for u in done.usage}
+    assert usage["workhorse"].usage.cached_prompt_tokens == 500  # two plans
+    assert usage["workhorse"].generations == 2 + 4 + 1
+    latency = done.latency
+    for stage in ("plan", "tool_emit", "tool_wall", "compose", "queue_prefill", "total"):
+        assert getattr(latency, stage).ToNanoseconds() > 0, stage
+    # Engine-reported time to first token: 2 plans x 5 ms + compose 7 ms.
+    assert latency.queue_prefill.ToMilliseconds() == 17
+    assert [i.name for i in mesh.tools.invocations] == READS
+    assert mesh.inference.kinds() == ["plan", "call_tools", "plan", "compose"]
+
+    stored = (await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session
+    roles = [m.role for m in stored.messages]
+    assert roles == [
+        common_pb2.ROLE_USER,
+        common_pb2.ROLE_ASSISTANT,
+        common_pb2.ROLE_TOOL,
+        common_pb2.ROLE_TOOL,
+        common_pb2.ROLE_TOOL,
+        common_pb2.ROLE_ASSISTANT,
+    ]
+    assert stored.messages[-1].content == done.answer
+    assert stored.turn_count == 1 and stored.task_tool_calls == 3
+    assert stored.task_time_used.ToNanoseconds() > 0
+
+    # The second turn sees the first in its prompt.
+    await turn(stub, session.session_id, "And what about last month?")
+    compose_prompt = [r for k, r, _ in mesh.inference.requests if k == "compose"][-1]
+    contents = [m.content for m in compose_prompt.messages]
+    assert "Why was I charged twice?" in contents and mesh.inference.answer in contents
+
+
+@pytest.mark.parametrize(
+    ("session_id", "message", "code"),
+    [
+        ("", "hi", grpc.StatusCode.INVALID_ARGUMENT),
+        ("no-such-session", "hi", grpc.StatusCode.NOT_FOUND),
+        (None, "", grpc.StatusCode.INVALID_ARGUMENT),
+        (None, "   ", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_bad_turn_requests_get_their_status(
+    stub: Any, session_id: str | None, message: str, code: grpc.StatusCode
+) -> None:
+    if session_id is None:
+        session_id = (await create(stub)).session_id
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await turn(stub, session_id, message)
+    assert err.value.code() == code
+
+
+async def test_unknown_session_get_and_end_are_not_found(stub: Any) -> None:
+    for call in (stub.GetSession, stub.EndSession):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(pb.GetSessionRequest(session_id="missing"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_second_turn_while_one_is_in_flight_is_refused(stub: Any, mesh: Mesh) -> None:
+    session = await create(stub)
+    mesh.inference.compose_gate = asyncio.Event()
+    first = asyncio.create_task(turn(stub, session.session_id, "first"))
+    await asyncio.wait_for(mesh.inference.compose_started.wait(), 10)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await turn(stub, session.session_id, "second")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    mesh.inference.compose_gate.set()
+    events = await first
+    assert events[-1].turn_completed.outcome == pb.TURN_OUTCOME_COMPLETED
+    # The lease is released at the end of the turn.
+    again = await turn(stub, session.session_id, "third")
+    assert again[-1].HasField("turn_completed")
+
+
+async def test_client_disconnect_cancels_the_engine_stream_and_frees_the_session(
+    stub: Any, mesh: Mesh
+) -> None:
+    session = await create(stub)
+    mesh.inference.compose_gate = asyncio.Event()  # never set: only a cancel ends it
+    call = stub.RunTurn(pb.RunTurnRequest(session_id=session.session_id, user_message="hi"))
+    async for event in call:
+        if event.HasField("compose_delta"):
+            break
+    call.cancel()
+    await asyncio.wait_for(mesh.inference.compose_cancelled.wait(), 10)
+    # Completed steps survived; the lease was released, so the next turn runs.
+    mesh.inference.compose_gate = None
+    stored = (await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session
+    assert stored.messages[0].content == "hi" and stored.task_tool_calls == 3
+    for _ in range(50):
+        try:
+            events = await turn(stub, session.session_id, "still there?")
+            break
+        except grpc.aio.AioRpcError as err:  # the server may still be unwinding the old turn
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            await asyncio.sleep(0.1)
+    assert events[-1].turn_completed.outcome == pb.TURN_OUTCOME_COMPLETED
+
+
+async def test_callers_deadline_bounds_every_downstream_call(stub: Any, mesh: Mesh) -> None:
+    session = await create(stub)
+    await turn(stub, session.session_id, "hi", timeout=8.0)
+    remaining = [t for _, _, t in mesh.inference.requests]
+    assert remaining and all(t is not None and t < 8.0 for t in remaining)
+
+
+async def test_turn_budget_becomes_the_downstream_deadline(stub: Any, mesh: Mesh) -> None:
+    budget = pb.Budget(turn_budget=duration_pb2.Duration(seconds=6))
+    session = await create(stub, budget=budget)
+    await turn(stub, session.session_id, "hi")
+    remaining = [t for _, _, t in mesh.inference.requests]
+    assert remaining and all(t is not None and t <= 6.0 for t in remaining)
+
+
+async def test_any_replica_continues_any_session_and_restarts_lose_nothing(mesh: Mesh) -> None:
+    a = await mesh.orchestrator()
+    b = await mesh.orchestrator()
+    async with (
+        grpc.aio.insecure_channel(a.address) as ca,
+        grpc.aio.insecure_channel(b.address) as cb,
+    ):
+        stub_a = orchestrator_pb2_grpc.AgentServiceStub(ca)
+        stub_b = orchestrator_pb2_grpc.AgentServiceStub(cb)
+        session = await create(stub_a)
+        await turn(stub_a, session.session_id, "turn one")
+        await turn(stub_b, session.session_id, "turn two")
+        # The in-flight rule holds across replicas (the lease is in the store).
+        mesh.inference.compose_gate = asyncio.Event()
+        mesh.inference.compose_started.clear()
+        running = asyncio.create_task(turn(stub_a, session.session_id, "turn three"))
+        await asyncio.wait_for(mesh.inference.compose_started.wait(), 10)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await turn(stub_b, session.session_id, "interleaved")
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        mesh.inference.compose_gate.set()
+        await running
+    await a.stop(grace=1)
+    await b.stop(grace=1)
+
+    restarted = await mesh.orchestrator()
+    async with grpc.aio.insecure_channel(restarted.address) as channel:
+        stub = orchestrator_pb2_grpc.AgentServiceStub(channel)
+        events = await turn(stub, session.session_id, "turn four")
+        assert events[0].turn_started.turn_index == 4
+        stored = await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+        users = [m.content for m in stored.session.messages if m.role == common_pb2.ROLE_USER]
+        assert users == ["turn one", "turn two", "turn three", "turn four"]
+        assert stored.session.task_tool_calls == 12 and stored.session.turn_count == 4
+
+
+async def test_chat_cli_streams_answers_tool_calls_and_the_latency_table(mesh: Mesh) -> None:
+    import sys
+
+    server = await mesh.orchestrator()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cli.main",
+        "chat",
+        "--target",
+        server.address,
+        "--customer",
+        "CUST-0042",
+        "-m",
+        "Why was I charged twice?",
+        "-m",
+        "Thanks!",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"COLUMNS": "120", "PATH": "/usr/bin:/bin", "TERM": "dumb"},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    text = out.decode()
+    assert process.returncode == 0, err.decode()
+    assert text.count(mesh.inference.answer) == 2
+    assert text.count("<- crm_lookup OK") == 2
+    assert text.count("Turn latency") == 2 and "Queue + prefill (TTFT)" in text
+    assert "plan #1 [workhorse]" in text
+
+
+async def test_turn_metrics_are_exported(mesh: Mesh) -> None:
+    server = await mesh.orchestrator()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = orchestrator_pb2_grpc.AgentServiceStub(channel)
+        session = await create(stub)
+        await turn(stub, session.session_id, "hello")
+    registry = server.metrics_registry
+    assert registry.get_sample_value("agentmesh_turns_total", {"outcome": "completed"}) == 1
+    for tool in READS:
+        labels = {"tool": tool, "status": "OK"}
+        assert registry.get_sample_value("agentmesh_turn_tool_calls_total", labels) == 1
+    assert registry.get_sample_value("agentmesh_turn_seconds_count") == 1
+    cached = {"lane": "workhorse", "kind": "cached"}
+    assert registry.get_sample_value("agentmesh_turn_tokens_total", cached) == 500
