@@ -57,7 +57,7 @@ class LaneRouter:
             for lane in self._hosted
             if lane.escalation_level is not None and (stage is None or stage in lane.stages)
         ]
-        stage_text = stage.value if stage is not None else "any stage"
+        stage_text = f"stage {stage.value}" if stage is not None else "no stage given"
         if not candidates:
             raise NotFound(
                 f"no hosted lane serves {stage_text} automatically; name a lane",
@@ -71,12 +71,12 @@ class LaneRouter:
                 if lane.escalation_level == probe:
                     if probe == wanted:
                         reason = (
-                            f"automatic: stage {stage_text}, escalation level {wanted} "
+                            f"automatic: {stage_text}, escalation level {wanted} "
                             f"({LEVEL_NAMES.get(wanted, 'custom')}){clamp} -> {lane.name}"
                         )
                     else:
                         reason = (
-                            f"automatic: stage {stage_text}, escalation level {wanted} has no "
+                            f"automatic: {stage_text}, escalation level {wanted} has no "
                             f"hosted lane; fell back to level {probe} -> {lane.name}"
                         )
                     return RouteChoice(lane, reason)

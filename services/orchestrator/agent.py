@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -72,7 +73,12 @@ class Agent:
         customer_id: str = "",
         caps_overrides: Mapping[str, Any] | None = None,
         metadata: Mapping[str, str] | None = None,
+        session_id: str = "",
     ) -> SessionRecord:
+        if session_id and not _CLIENT_SESSION_ID.fullmatch(session_id):
+            raise InvalidArgument(
+                "session_id", "use 1-64 letters, digits, '-' or '_' (or leave it empty)"
+            )
         if len(customer_id) > 128:
             raise InvalidArgument("customer_id", "longer than 128 characters")
         overrides = {k: v for k, v in (caps_overrides or {}).items() if v}
@@ -81,7 +87,7 @@ class Agent:
         except ValueError as exc:
             raise InvalidArgument("budget", "caps must be positive numbers") from exc
         record = SessionRecord(
-            session_id=self._new_id(),
+            session_id=session_id or self._new_id(),
             caps=caps,
             customer_id=customer_id,
             metadata=dict(metadata or {}),
@@ -214,6 +220,9 @@ async def _shielded(coro: Any) -> None:
         raise
     except Exception:
         log.exception("could not finish the turn's bookkeeping")
+
+
+_CLIENT_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _check_session_id(session_id: str) -> None:

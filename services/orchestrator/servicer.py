@@ -191,6 +191,7 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):  # type: ignore
             customer_id=request.customer_id,
             caps_overrides=budget_overrides(request.budget),
             metadata=dict(request.metadata),
+            session_id=request.session_id,
         )
         return pb.CreateSessionResponse(session=session_to_proto(record))
 

@@ -188,6 +188,20 @@ async def test_bad_turn_requests_get_their_status(
     assert err.value.code() == code
 
 
+async def test_caller_chosen_session_id_is_used_once(stub: Any) -> None:
+    session = await create(stub, session_id="demo-1")
+    assert session.session_id == "demo-1"
+    got = await stub.GetSession(pb.GetSessionRequest(session_id="demo-1"))
+    assert got.session.customer_id == "CUST-0042"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(stub, session_id="demo-1")
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(stub, session_id="not valid!")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "session_id" in (err.value.details() or "")
+
+
 async def test_unknown_session_get_and_end_are_not_found(stub: Any) -> None:
     for call in (stub.GetSession, stub.EndSession):
         with pytest.raises(grpc.aio.AioRpcError) as err:

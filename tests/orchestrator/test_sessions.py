@@ -13,6 +13,7 @@ from services.orchestrator.sessions.base import SessionRecord, SessionState, Ses
 from services.orchestrator.sessions.factory import store_from_url
 from services.orchestrator.sessions.redis_store import RedisSessionStore
 from services.orchestrator.sessions.sql import SqlSessionStore
+from shared.errors import AlreadyExists
 from tests.orchestrator.conftest import close_store, open_store
 
 
@@ -38,6 +39,17 @@ async def test_create_get_round_trips_every_field(store: SessionStore) -> None:
     assert got.messages == []
     assert got.created_at == pytest.approx(rec.created_at)
     assert await store.get("nope") is None
+
+
+async def test_creating_a_taken_id_is_already_exists_and_changes_nothing(
+    store: SessionStore,
+) -> None:
+    await store.create(record())
+    other = SessionRecord(session_id="sess-1", caps=Caps(), customer_id="CUST-9999")
+    with pytest.raises(AlreadyExists):
+        await store.create(other)
+    got = await store.get("sess-1")
+    assert got is not None and got.customer_id == "CUST-0042"
 
 
 async def test_messages_append_in_order_with_tool_calls(store: SessionStore) -> None:

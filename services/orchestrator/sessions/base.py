@@ -44,7 +44,9 @@ class SessionStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def create(self, record: SessionRecord) -> None: ...
+    async def create(self, record: SessionRecord) -> None:
+        """Store a new session; AlreadyExists if its id is taken (atomically)."""
+        ...
 
     async def get(self, session_id: str) -> SessionRecord | None:
         """The session with its messages in order; None when unknown."""

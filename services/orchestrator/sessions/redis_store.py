@@ -12,12 +12,21 @@ import redis.asyncio as aioredis
 from services.orchestrator.loop.policy import Caps
 from services.orchestrator.loop.types import Message
 from services.orchestrator.sessions.base import SessionRecord, SessionState
+from shared.errors import AlreadyExists
 
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
 end
 return 0
+"""
+
+
+# Create the session hash only if the id is free, in one atomic step.
+_CREATE_IF_ABSENT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
 """
 
 
@@ -62,7 +71,14 @@ class RedisSessionStore:
             "updated_at": repr(record.updated_at),
             "metadata_json": json.dumps(record.metadata, sort_keys=True),
         }
-        await self.client.hset(self._key(record.session_id), mapping=fields)  # type: ignore[misc,arg-type]
+        flat = [str(item) for pair in fields.items() for item in pair]
+        created = await self.client.eval(  # type: ignore[misc]
+            _CREATE_IF_ABSENT, 1, self._key(record.session_id), *flat
+        )
+        if not created:
+            raise AlreadyExists(
+                "a session with this id exists", metadata={"session_id": record.session_id}
+            )
 
     async def get(self, session_id: str) -> SessionRecord | None:
         async with self.client.pipeline(transaction=True) as pipe:

@@ -28,11 +28,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from services.orchestrator.loop.policy import Caps
 from services.orchestrator.loop.types import Message
 from services.orchestrator.sessions.base import SessionRecord, SessionState
+from shared.errors import AlreadyExists
 
 
 class SqlSessionStore:
@@ -94,6 +96,14 @@ class SqlSessionStore:
             await conn.run_sync(self._meta.drop_all)
 
     async def create(self, record: SessionRecord) -> None:
+        try:
+            await self._insert(record)
+        except IntegrityError as exc:
+            raise AlreadyExists(
+                "a session with this id exists", metadata={"session_id": record.session_id}
+            ) from exc
+
+    async def _insert(self, record: SessionRecord) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
                 insert(self.sessions).values(
