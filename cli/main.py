@@ -42,6 +42,15 @@ MESH = (
 )
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGTERM when the parent dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 async def _relay(name: str, colour: str, stream: asyncio.StreamReader) -> None:
     """Prefix each child log line with its service name."""
     width = max(len(s.name) for s in MESH)
@@ -71,7 +80,10 @@ async def _run_mesh(only: list[str], config: Path | None) -> int:
             env=child_env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            # Own process group: a terminal's Ctrl-C reaches only `up`, which stops the
+            # services in order; and a SIGTERM if `up` itself dies, so none is orphaned.
             start_new_session=True,
+            preexec_fn=_terminate_with_parent,
         )
         assert process.stdout is not None
         relays.append(asyncio.create_task(_relay(spec.name, spec.colour, process.stdout)))

@@ -138,6 +138,11 @@ async def test_up_serves_health_reflection_and_the_readme_commands(tmp_path: Pat
         assert "exit codes" in "".join(output)
     finally:
         if process.returncode is None:
-            process.kill()
-            await process.wait()
+            # The orderly stop first, so the services it started stop with it.
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), 120)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
         collector.cancel()
