@@ -2,9 +2,9 @@
 
 Raw-bytes handlers (no proto needed): ``Echo`` returns its request, ``Count`` streams
 ``n`` numbered messages with a pause, ``Fail`` raises an exception carrying a secret,
-``Raise`` raises a domain error, ``Remaining`` reports the deadline the handler sees,
-``Forward`` calls another server's ``Remaining`` through a shared channel and returns
-what that downstream saw.
+``Raise`` raises a domain error, ``Flaky`` fails twice then answers, ``Remaining``
+reports the deadline the handler sees, ``Forward`` calls another server's ``Remaining``
+through a shared channel and returns what that downstream saw.
 Run as a script it serves until SIGTERM (used by the shutdown test).
 """
 
@@ -37,6 +37,7 @@ class EchoService:
         self._downstream = downstream
         self.closed = False
         self.metrics_registry = CollectorRegistry()
+        self.flaky_attempts: dict[bytes, int] = {}
 
     def register(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -46,6 +47,7 @@ class EchoService:
             "Remaining": grpc.unary_unary_rpc_method_handler(self.remaining, _identity, _identity),
             "Forward": grpc.unary_unary_rpc_method_handler(self.forward, _identity, _identity),
             "Raise": grpc.unary_unary_rpc_method_handler(self.raise_error, _identity, _identity),
+            "Flaky": grpc.unary_unary_rpc_method_handler(self.flaky, _identity, _identity),
         }
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
 
@@ -85,6 +87,16 @@ class EchoService:
             "deadline": errors.DeadlineExceeded("turn budget spent"),
         }
         raise table[kind]
+
+    async def flaky(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        """UNAVAILABLE for the first two attempts with a given request, then OK."""
+        from shared import errors
+
+        attempt = self.flaky_attempts.get(request, 0) + 1
+        self.flaky_attempts[request] = attempt
+        if attempt <= 2:
+            raise errors.Unavailable("warming a cache")
+        return str(attempt).encode()
 
     async def remaining(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         return json.dumps({"remaining": context.time_remaining()}).encode()

@@ -151,6 +151,21 @@ async def test_downstream_call_carries_less_than_the_callers_deadline() -> None:
         await downstream.stop(grace=1)
 
 
+async def test_channels_retry_only_the_methods_named_idempotent(echo_server: GrpcServer) -> None:
+    from shared.channels import create_channel
+
+    retried = create_channel(echo_server.address, retry_methods=[(SERVICE, "Flaky")])
+    plain = create_channel(echo_server.address)
+    async with retried, plain:
+        reply = await retried.unary_unary(f"/{SERVICE}/Flaky", _identity, _identity)(
+            b"k1", timeout=10
+        )
+        assert reply == b"3"  # two UNAVAILABLE attempts retried by the channel
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await plain.unary_unary(f"/{SERVICE}/Flaky", _identity, _identity)(b"k2", timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 async def test_metrics_endpoint_counts_rpcs() -> None:
     server = GrpcServer(EchoService(), ServiceSettings(port=0, metrics_port=0))
     await server.start()
