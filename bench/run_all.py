@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = (
     "bench.tools_execute",
     "bench.inference_vs_vllm_serve",
+    "bench.turn_latency",
 )
 
 

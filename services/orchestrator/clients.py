@@ -8,7 +8,7 @@ engine request and the tools service cancels pending tool calls.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -16,6 +16,8 @@ from agentmesh.common.v1 import common_pb2
 from agentmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from agentmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from services.orchestrator.loop.types import (
     CallToolsResult,
@@ -35,6 +37,7 @@ from services.orchestrator.loop.types import (
     ToolOutcome,
     Usage,
 )
+from shared.deadlines import Deadline
 from shared.errors import (
     AgentmeshError,
     Cancelled,
@@ -142,6 +145,20 @@ def _finish(value: int) -> str:
     return inference_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_")  # type: ignore[arg-type]
 
 
+def retry_after(error: grpc.aio.AioRpcError) -> float | None:
+    """The RetryInfo delay a RESOURCE_EXHAUSTED status carries (None: no hint)."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            seconds: float = info.retry_delay.ToNanoseconds() / 1e9
+            return max(0.0, seconds)
+    return None
+
+
 def domain_error(error: grpc.aio.AioRpcError, what: str) -> AgentmeshError:
     """A downstream status as our own error (the downstream's text stays out, except the
     field-level messages our own services write for bad arguments)."""
@@ -149,7 +166,10 @@ def domain_error(error: grpc.aio.AioRpcError, what: str) -> AgentmeshError:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"{what} did not answer in time")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhausted(f"{what} is at capacity", retry_after_s=1.0)
+        hint = retry_after(error)
+        return ResourceExhausted(
+            f"{what} is at capacity", retry_after_s=1.0 if hint is None else hint
+        )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(what, error.details() or "rejected the request")
     if code == grpc.StatusCode.NOT_FOUND:
@@ -161,15 +181,32 @@ def domain_error(error: grpc.aio.AioRpcError, what: str) -> AgentmeshError:
     return Unavailable(f"{what} is unavailable")
 
 
-async def _unary(call: Any, what: str) -> Any:
-    """Awaits a unary call; cancelling the awaiting task cancels the RPC."""
-    try:
-        return await call
-    except asyncio.CancelledError:
-        call.cancel()
-        raise
-    except grpc.aio.AioRpcError as error:
-        raise domain_error(error, what) from None
+# A lane at its concurrency cap answers RESOURCE_EXHAUSTED with a retry hint: wait that long
+# and try again while the turn's deadline leaves room for a useful attempt.
+CAPACITY_ATTEMPTS = 3
+MIN_USEFUL_ATTEMPT_S = 0.5
+
+
+async def _unary(start: Callable[[float], Any], timeout_s: float, what: str) -> Any:
+    """Runs a unary call, ``start(timeout)`` per attempt, retrying a full lane on its hint.
+
+    Cancelling the awaiting task cancels the RPC in flight.
+    """
+    deadline = Deadline.after(timeout_s)
+    for attempt in range(1, CAPACITY_ATTEMPTS + 1):
+        call = start(max(deadline.time_remaining(), 0.001))
+        try:
+            return await call
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        except grpc.aio.AioRpcError as error:
+            delay = retry_after(error)
+            room = deadline.time_remaining() - MIN_USEFUL_ATTEMPT_S
+            if delay is None or attempt == CAPACITY_ATTEMPTS or delay > room:
+                raise domain_error(error, what) from None
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------- ports
@@ -199,7 +236,7 @@ class GrpcInference:
             response_format=inference_pb2.ResponseFormat(json_schema=json_schema),
         )
         response: inference_pb2.GenerateResponse = await _unary(
-            self._stub.Generate(request, timeout=timeout_s), "the inference service"
+            lambda t: self._stub.Generate(request, timeout=t), timeout_s, "the inference service"
         )
         return GenerateResult(
             text=response.text,
@@ -243,7 +280,7 @@ class GrpcInference:
             else inference_pb2.DECODING_MODE_CONSTRAINED,
         )
         response: inference_pb2.CallToolsResponse = await _unary(
-            self._stub.CallTools(request, timeout=timeout_s), "the inference service"
+            lambda t: self._stub.CallTools(request, timeout=t), timeout_s, "the inference service"
         )
         return CallToolsResult(
             calls=tuple(
@@ -312,7 +349,8 @@ class GrpcTools:
 
     async def list_tools(self, *, timeout_s: float) -> list[ToolDef]:
         response: tools_pb2.ListToolsResponse = await _unary(
-            self._stub.ListTools(tools_pb2.ListToolsRequest(), timeout=timeout_s),
+            lambda t: self._stub.ListTools(tools_pb2.ListToolsRequest(), timeout=t),
+            timeout_s,
             "the tool service",
         )
         return [tool_from_proto(t) for t in response.tools]
@@ -333,7 +371,7 @@ class GrpcTools:
             ]
         )
         response: tools_pb2.ExecuteToolsResponse = await _unary(
-            self._stub.ExecuteTools(request, timeout=timeout_s), "the tool service"
+            lambda t: self._stub.ExecuteTools(request, timeout=t), timeout_s, "the tool service"
         )
         return [
             ToolOutcome(

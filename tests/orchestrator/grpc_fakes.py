@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from services.orchestrator.clients import tool_to_proto
 from shared.config import ServiceSettings
+from shared.errors import ResourceExhausted
 from shared.health import HealthReporter
 from shared.server import GrpcServer
 from tests.orchestrator.fakes import DEFAULT_ARGS, LADDER, REGISTRY
@@ -40,6 +41,8 @@ class FakeInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # typ
         self.compose_gate: asyncio.Event | None = None
         self.compose_started = asyncio.Event()
         self.compose_cancelled = asyncio.Event()
+        # CallTools answers RESOURCE_EXHAUSTED (a full lane, with a retry hint) this many times.
+        self.full_lane_refusals = 0
 
     def _lane(self, selector: inference_pb2.LaneSelector) -> inference_pb2.LaneChoice:
         name = selector.lane or LADDER[min(selector.escalation_level, 2)]
@@ -69,6 +72,9 @@ class FakeInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # typ
         self, request: inference_pb2.CallToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.CallToolsResponse:
         self._record("call_tools", request, context)
+        if self.full_lane_refusals > 0:
+            self.full_lane_refusals -= 1
+            raise ResourceExhausted("lane workhorse is at capacity", retry_after_s=0.05)
         calls = [
             inference_pb2.EmittedToolCall(
                 call=common_pb2.ToolCall(

@@ -202,6 +202,18 @@ async def test_caller_chosen_session_id_is_used_once(stub: Any) -> None:
     assert "session_id" in (err.value.details() or "")
 
 
+async def test_a_full_lane_is_retried_after_its_hint_within_the_turn(
+    stub: Any, mesh: Mesh
+) -> None:
+    mesh.inference.full_lane_refusals = 2
+    session = await create(stub)
+    events = await turn(stub, session.session_id, "Why was I charged twice?")
+    done = events[-1].turn_completed
+    assert done.outcome == pb.TURN_OUTCOME_COMPLETED
+    assert mesh.inference.kinds().count("call_tools") == 3  # two refusals, then served
+    assert done.tool_calls == 3
+
+
 async def test_unknown_session_get_and_end_are_not_found(stub: Any) -> None:
     for call in (stub.GetSession, stub.EndSession):
         with pytest.raises(grpc.aio.AioRpcError) as err:
