@@ -42,10 +42,14 @@ def plan_instruction(tool_names: Sequence[str], max_tools: int, round_no: int) -
     )
 
 
-def tool_call_instruction(names: Sequence[str]) -> Message:
+def tool_call_instruction(names: Sequence[str], customer_id: str = "") -> Message:
+    """Last message before emission. Parallel emission runs one generation per tool, so no
+    call sees a sibling's arguments: the facts every call needs are repeated here, next to
+    where the model writes them."""
+    about = f" The customer is {customer_id}." if customer_id else ""
     return Message(
         Role.SYSTEM,
-        f"Call {', '.join(names)} now with arguments taken from the conversation.",
+        f"Call {', '.join(names)} now with arguments taken from the conversation.{about}",
     )
 
 

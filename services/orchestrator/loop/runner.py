@@ -356,7 +356,10 @@ class TurnRunner:
             level = turn.tool_level
             lane_name = turn.inp.forced_lane or profile.lane_name(level)
             override = profile.override_for(lane_name)
-            messages = [*turn.messages, prompts.tool_call_instruction(pending)]
+            messages = [
+                *turn.messages,
+                prompts.tool_call_instruction(pending, turn.inp.customer_id),
+            ]
             if feedback:
                 messages.append(prompts.reprompt_with_schema(feedback, turn.tools))
             t0 = self._clock()
