@@ -202,9 +202,7 @@ async def test_caller_chosen_session_id_is_used_once(stub: Any) -> None:
     assert "session_id" in (err.value.details() or "")
 
 
-async def test_a_full_lane_is_retried_after_its_hint_within_the_turn(
-    stub: Any, mesh: Mesh
-) -> None:
+async def test_a_full_lane_is_retried_after_its_hint_within_the_turn(stub: Any, mesh: Mesh) -> None:
     mesh.inference.full_lane_refusals = 2
     session = await create(stub)
     events = await turn(stub, session.session_id, "Why was I charged twice?")
