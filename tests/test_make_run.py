@@ -45,6 +45,12 @@ def readme_grpcurl_commands() -> list[str]:
     ]
 
 
+def readme_python_example() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    assert len(blocks) == 1
+    return str(blocks[0])
+
+
 async def _run(argv: list[str], timeout_s: float = 60) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
@@ -133,6 +139,12 @@ async def test_up_serves_health_reflection_and_the_readme_commands(tmp_path: Pat
             }.get(method, [])
             for fragment in expected:
                 assert fragment in out, f"{command}\n{out[-2000:]}"
+        example = readme_python_example().replace(
+            "localhost:50051", f"localhost:{ports['orchestrator']}"
+        )
+        code, out = await _run([sys.executable, "-c", example], timeout_s=600)
+        assert code == 0, out
+        assert "[crm_lookup: OK]" in out and "total" in out, out
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 180) == 0, "".join(output[-80:])
         assert "exit codes" in "".join(output)
