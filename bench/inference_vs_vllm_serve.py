@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -92,6 +93,31 @@ def pct(values: list[float], q: float) -> float:
     return ordered[idx]
 
 
+async def sweep_levels(
+    one: Callable[[str], Awaitable[tuple[float, int]]],
+    args: argparse.Namespace,
+    side: Side,
+    tag: str,
+) -> None:
+    """Warm up, then stream PROMPTS at each concurrency level; same loop for both sides."""
+    await one("warm up")
+    for level in args.levels:
+        n = max(level, args.min_requests)
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+        sem = asyncio.Semaphore(level)
+
+        async def gated(p: str, sem: asyncio.Semaphore = sem) -> tuple[float, int]:
+            async with sem:
+                return await one(p)
+
+        start = time.monotonic()
+        results = await asyncio.gather(*(gated(p) for p in prompts))
+        wall = time.monotonic() - start
+        side.tps[level] = sum(r[1] for r in results) / wall
+        side.ttft[level] = [r[0] for r in results]
+        print(f"[{tag}] c={level}: {side.tps[level]:.1f} tok/s", flush=True)
+
+
 # ---- our service ---------------------------------------------------------------------------
 
 
@@ -150,22 +176,7 @@ async def bench_ours(args: argparse.Namespace) -> Side:
         return ttft, tokens
 
     try:
-        await one("warm up")
-        for level in args.levels:
-            n = max(level, args.min_requests)
-            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-            sem = asyncio.Semaphore(level)
-
-            async def gated(p: str, sem: asyncio.Semaphore = sem) -> tuple[float, int]:
-                async with sem:
-                    return await one(p)
-
-            start = time.monotonic()
-            results = await asyncio.gather(*(gated(p) for p in prompts))
-            wall = time.monotonic() - start
-            side.tps[level] = sum(r[1] for r in results) / wall
-            side.ttft[level] = [r[0] for r in results]
-            print(f"[ours] c={level}: {side.tps[level]:.1f} tok/s", flush=True)
+        await sweep_levels(one, args, side, "ours")
 
         specs = [
             common_pb2.ToolSpec(
@@ -311,22 +322,7 @@ async def bench_vllm(args: argparse.Namespace) -> Side:
                             tokens = chunk["usage"]["completion_tokens"]
                 return ttft, tokens
 
-            await one("warm up")
-            for level in args.levels:
-                n = max(level, args.min_requests)
-                prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-                sem = asyncio.Semaphore(level)
-
-                async def gated(p: str, sem: asyncio.Semaphore = sem) -> tuple[float, int]:
-                    async with sem:
-                        return await one(p)
-
-                start = time.monotonic()
-                results = await asyncio.gather(*(gated(p) for p in prompts))
-                wall = time.monotonic() - start
-                side.tps[level] = sum(r[1] for r in results) / wall
-                side.ttft[level] = [r[0] for r in results]
-                print(f"[vllm] c={level}: {side.tps[level]:.1f} tok/s", flush=True)
+            await sweep_levels(one, args, side, "vllm")
 
             tools = [{"type": "function", "function": {"name": n, **t}} for n, t in TOOLS.items()]
 

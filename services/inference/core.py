@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jsonschema
@@ -31,6 +31,7 @@ from services.inference.tool_calls import (
     GrammarBuilder,
     ParsedCall,
     json_schema_grammar,
+    new_call_id,
     parse_calls,
     parse_selection,
 )
@@ -72,6 +73,17 @@ class GenResult:
     cached_tokens: int = 0
     finish: str = "stop"
     ttft_s: float = 0.0
+
+    def add(self, delta: Delta, started: float) -> None:
+        """Fold one engine delta in (the output text is the caller's: it streams or joins it);
+        time to first token counts from `started`."""
+        if delta.new_tokens and not self.ttft_s:
+            self.ttft_s = time.monotonic() - started
+        self.completion_tokens += delta.new_tokens
+        if delta.finished:
+            self.finish = delta.finish_reason or "stop"
+            self.prompt_tokens = delta.prompt_tokens or self.prompt_tokens
+            self.cached_tokens = delta.cached_tokens
 
     def usage(self) -> common_pb2.Usage:
         return common_pb2.Usage(
@@ -120,6 +132,8 @@ class Metrics:
         self.tokens.labels(lane, "prompt").inc(result.prompt_tokens)
         self.tokens.labels(lane, "cached").inc(result.cached_tokens)
         self.tokens.labels(lane, "completion").inc(result.completion_tokens)
+        if result.ttft_s:
+            self.ttft.labels(lane).observe(result.ttft_s)
 
 
 @dataclass
@@ -257,15 +271,7 @@ class InferenceCore:
             grammar = self._response_grammar(req.response_format.json_schema)
         prompt = lane.renderer.render(messages, tools)
         ids, max_tokens = self._tokenize(lane, prompt, params.max_tokens)
-        params = GenParams(
-            max_tokens=max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seed=params.seed,
-            stop=params.stop,
-            grammar=grammar,
-        )
-        return Prepared(lane, choice, ids, params)
+        return Prepared(lane, choice, ids, replace(params, max_tokens=max_tokens, grammar=grammar))
 
     def _response_grammar(self, schema_text: str) -> str:
         field_name = "response_format.json_schema"
@@ -305,18 +311,10 @@ class InferenceCore:
         result = GenResult(prompt_tokens=len(ids))
         parts: list[str] = []
         async for delta in self._deltas(lane, ids, params):
-            if delta.new_tokens and not result.ttft_s:
-                result.ttft_s = time.monotonic() - started
+            result.add(delta, started)
             parts.append(delta.text)
-            result.completion_tokens += delta.new_tokens
-            if delta.finished:
-                result.finish = delta.finish_reason or "stop"
-                result.prompt_tokens = delta.prompt_tokens or len(ids)
-                result.cached_tokens = delta.cached_tokens
         result.text = "".join(parts)
         self.metrics.account(lane.name, result)
-        if result.ttft_s:
-            self.metrics.ttft.labels(lane.name).observe(result.ttft_s)
         return result
 
     def _choice(self, lane: Lane, choice: RouteChoice) -> pb.LaneChoice:
@@ -345,18 +343,10 @@ class InferenceCore:
         async with self._slot(lane):
             result = GenResult(prompt_tokens=len(prep.prompt_ids))
             async for delta in self._deltas(lane, prep.prompt_ids, prep.params):
-                if delta.new_tokens and not result.ttft_s:
-                    result.ttft_s = time.monotonic() - started
-                result.completion_tokens += delta.new_tokens
-                if delta.finished:
-                    result.finish = delta.finish_reason or "stop"
-                    result.prompt_tokens = delta.prompt_tokens or len(prep.prompt_ids)
-                    result.cached_tokens = delta.cached_tokens
+                result.add(delta, started)
                 if delta.text:
                     yield pb.StreamGenerateResponse(text_delta=delta.text)
         self.metrics.account(lane.name, result)
-        if result.ttft_s:
-            self.metrics.ttft.labels(lane.name).observe(result.ttft_s)
         yield pb.StreamGenerateResponse(
             summary=pb.GenerationSummary(
                 usage=result.usage(),
@@ -543,8 +533,6 @@ class InferenceCore:
 
 
 def _emitted(call: ParsedCall) -> pb.EmittedToolCall:
-    from services.inference.tool_calls import new_call_id
-
     return pb.EmittedToolCall(
         call=common_pb2.ToolCall(
             id=call.id or new_call_id(), name=call.name, arguments_json=call.arguments_json

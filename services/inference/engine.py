@@ -35,10 +35,9 @@ class GenParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    # An EBNF grammar (xgrammar dialect) the whole output must match ...
+    # An EBNF grammar (xgrammar dialect) the whole output must match (JSON schemas are
+    # compiled to one by the caller).
     grammar: str | None = None
-    # ... or a JSON schema (compact JSON) the whole output must match.
-    json_schema: str | None = None
 
 
 @dataclass
@@ -92,7 +91,6 @@ class VllmEngine:
     max_model_len: int = field(init=False)
     _llm: Any = field(init=False, default=None)
     _tokenizer: Any = field(init=False, default=None)
-    _failed: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.max_model_len = int(self.engine_args.get("max_model_len", 4096))
@@ -130,10 +128,6 @@ class VllmEngine:
         structured = None
         if params.grammar is not None:
             structured = StructuredOutputsParams(grammar=params.grammar)
-        elif params.json_schema is not None:
-            structured = StructuredOutputsParams(
-                json=params.json_schema, disable_any_whitespace=True
-            )
         return SamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -178,8 +172,7 @@ class VllmEngine:
                 # Client cancel / deadline: closing vLLM's generator already aborts; this makes
                 # it explicit for every other early exit too.
                 await stream.aclose()
-                if self._llm is not None and not self.errored:
-                    await self._llm.abort(request_id)
+                await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None and not self.errored:
@@ -192,12 +185,7 @@ class VllmEngine:
 
     @property
     def errored(self) -> bool:
-        if self._failed:
-            return True
         return self._llm is not None and bool(self._llm.errored)
-
-    def mark_failed(self) -> None:
-        self._failed = True
 
     async def shutdown(self) -> None:
         if self._llm is not None:

@@ -69,7 +69,6 @@ _ROLES = {
     Role.ASSISTANT: common_pb2.ROLE_ASSISTANT,
     Role.TOOL: common_pb2.ROLE_TOOL,
 }
-_ROLES_BACK = {v: k for k, v in _ROLES.items()}
 _STAGES = {
     "plan": common_pb2.STAGE_PLAN,
     "tool_call": common_pb2.STAGE_TOOL_CALL,
@@ -88,16 +87,6 @@ def message_to_proto(message: Message) -> common_pb2.ChatMessage:
             common_pb2.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json)
             for c in message.tool_calls
         ],
-        tool_call_id=message.tool_call_id,
-        name=message.name,
-    )
-
-
-def message_from_proto(message: common_pb2.ChatMessage) -> Message:
-    return Message(
-        role=_ROLES_BACK.get(message.role, Role.USER),
-        content=message.content,
-        tool_calls=tuple(ToolCall(c.id, c.name, c.arguments_json) for c in message.tool_calls),
         tool_call_id=message.tool_call_id,
         name=message.name,
     )
@@ -143,6 +132,21 @@ def _usage(value: common_pb2.Usage) -> Usage:
 
 def _finish(value: int) -> str:
     return inference_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_")  # type: ignore[arg-type]
+
+
+def _generation_stats(
+    value: inference_pb2.GenerateResponse | inference_pb2.GenerationSummary,
+) -> GenerationStats:
+    """Stats of one generation: a Generate reply and a stream's summary carry the same fields."""
+    return GenerationStats(
+        lane=value.lane.lane,
+        model=value.lane.model,
+        usage=_usage(value.usage),
+        ttft_s=_seconds(value.time_to_first_token),
+        elapsed_s=_seconds(value.elapsed),
+        generations=1,
+        finish_reason=_finish(value.finish_reason),
+    )
 
 
 def retry_after(error: grpc.aio.AioRpcError) -> float | None:
@@ -238,18 +242,7 @@ class GrpcInference:
         response: inference_pb2.GenerateResponse = await _unary(
             lambda t: self._stub.Generate(request, timeout=t), timeout_s, "the inference service"
         )
-        return GenerateResult(
-            text=response.text,
-            stats=GenerationStats(
-                lane=response.lane.lane,
-                model=response.lane.model,
-                usage=_usage(response.usage),
-                ttft_s=_seconds(response.time_to_first_token),
-                elapsed_s=_seconds(response.elapsed),
-                generations=1,
-                finish_reason=_finish(response.finish_reason),
-            ),
-        )
+        return GenerateResult(text=response.text, stats=_generation_stats(response))
 
     async def emit_tool_calls(
         self,
@@ -320,18 +313,7 @@ class GrpcInference:
         try:
             async for response in call:
                 if response.HasField("summary"):
-                    s = response.summary
-                    yield ComposeDone(
-                        GenerationStats(
-                            lane=s.lane.lane,
-                            model=s.lane.model,
-                            usage=_usage(s.usage),
-                            ttft_s=_seconds(s.time_to_first_token),
-                            elapsed_s=_seconds(s.elapsed),
-                            generations=1,
-                            finish_reason=_finish(s.finish_reason),
-                        )
-                    )
+                    yield ComposeDone(_generation_stats(response.summary))
                 elif response.text_delta:
                     yield ComposeDelta(response.text_delta)
         except grpc.aio.AioRpcError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -33,6 +34,16 @@ S = tools_pb2  # brevity in tables
 def _inv(name: str, args: Any, call_id: str = "c1", **kw: Any) -> tools_pb2.ToolInvocation:
     raw = args if isinstance(args, str) else json.dumps(args)
     return tools_pb2.ToolInvocation(call_id=call_id, name=name, arguments_json=raw, **kw)
+
+
+@contextlib.asynccontextmanager
+async def serving_stub(service: ToolsService) -> AsyncIterator[tools_pb2_grpc.ToolServiceStub]:
+    """A stub on a fresh server of `service` (for tests that need their own backends)."""
+    async with (
+        running_server(service) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        yield tools_pb2_grpc.ToolServiceStub(channel)
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +113,7 @@ async def test_batch_calls_overlap(tmp_path: Path) -> None:
     barrier = asyncio.Barrier(3)
     backends = Backends(crm=GatedCrm(barrier), kb=GatedKb(barrier), billing=GatedBilling(barrier))
     settings = tools_settings(tmp_path)
-    async with (
-        running_server(ToolsService(settings, backends=backends)) as server,
-        grpc.aio.insecure_channel(server.address) as channel,
-    ):
-        stub = tools_pb2_grpc.ToolServiceStub(channel)
+    async with serving_stub(ToolsService(settings, backends=backends)) as stub:
         reply = await stub.ExecuteTools(
             tools_pb2.ExecuteToolsRequest(
                 invocations=[
@@ -130,11 +137,7 @@ async def test_one_failure_never_fails_the_batch(tmp_path: Path) -> None:
         kb=GatedKb(barrier, hang=True),
         billing=GatedBilling(barrier, down=True),
     )
-    async with (
-        running_server(ToolsService(tools_settings(tmp_path), backends=backends)) as srv,
-        grpc.aio.insecure_channel(srv.address) as channel,
-    ):
-        stub = tools_pb2_grpc.ToolServiceStub(channel)
+    async with serving_stub(ToolsService(tools_settings(tmp_path), backends=backends)) as stub:
         reply = await stub.ExecuteTools(
             tools_pb2.ExecuteToolsRequest(
                 invocations=[
@@ -173,11 +176,7 @@ async def test_real_billing_api_down_is_unavailable_for_that_call_only(
     )
     backends = await open_backends(settings, embedder=HashEmbedder(), dataset=dataset)
     try:
-        async with (
-            running_server(ToolsService(settings, backends=backends)) as server,
-            grpc.aio.insecure_channel(server.address) as channel,
-        ):
-            stub = tools_pb2_grpc.ToolServiceStub(channel)
+        async with serving_stub(ToolsService(settings, backends=backends)) as stub:
             reply = await stub.ExecuteTools(
                 tools_pb2.ExecuteToolsRequest(
                     invocations=[
@@ -348,11 +347,7 @@ async def test_long_output_is_truncated_and_counted(tmp_path: Path, dataset: Dem
     backends = await open_backends(settings, embedder=HashEmbedder(), dataset=dataset)
     service = ToolsService(settings, backends=backends)
     try:
-        async with (
-            running_server(service) as server,
-            grpc.aio.insecure_channel(server.address) as channel,
-        ):
-            stub = tools_pb2_grpc.ToolServiceStub(channel)
+        async with serving_stub(service) as stub:
             reply = await stub.ExecuteTool(
                 tools_pb2.ExecuteToolRequest(
                     invocation=_inv("billing_lookup", {"customer_id": "CUST-0001", "limit": 6})

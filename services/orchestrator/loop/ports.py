@@ -52,7 +52,8 @@ class InferencePort(Protocol):
         max_tokens: int | None,
         timeout_s: float,
     ) -> CallToolsResult:
-        """One call per tool in ``names`` (tool choice NAMED), emitted in parallel."""
+        """One call per tool in ``names`` (tool choice NAMED); ``parallel``: one generation
+        per tool, submitted together, else one generation for all of them."""
         ...
 
     def compose(
