@@ -99,6 +99,8 @@ class _Turn:
     seen: set[tuple[str, str]] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
     exhausted: bool = False
+    # A write the user did not ask for was declined: the answer must say so.
+    refused: bool = False
     failed: bool = False
     tool_level: int = 0
     lane_escalations: int = 0
@@ -131,6 +133,10 @@ class _Turn:
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
+
+    def refuse(self, name: str) -> None:
+        self.refused = True
+        self.note(f"{name} was refused: the user did not ask for that action")
 
 
 class TurnRunner:
@@ -343,10 +349,8 @@ class TurnRunner:
         # for is refused whatever its arguments would have been (checked again after emission).
         pending = []
         for name in names:
-            if turn.tools[name].effect is Effect.WRITE and not self._intent.user_asked_for(
-                name, turn.user_texts
-            ):
-                turn.note(f"{name} was refused: the user did not ask for that action")
+            if self._write_not_asked_for(turn, turn.tools[name]):
+                turn.refuse(name)
                 yield ToolCallFinished("", name, "", REFUSED, 0.0, False, REFUSAL_TEXT, round_no)
             else:
                 pending.append(name)
@@ -475,11 +479,9 @@ class TurnRunner:
                 declined[call.id] = (SKIPPED_CAP, turn.cap_note())
                 turn.exhausted = True
                 turn.note(turn.cap_note())
-            elif tool.effect is Effect.WRITE and not self._intent.user_asked_for(
-                call.name, turn.user_texts
-            ):
+            elif self._write_not_asked_for(turn, tool):
                 declined[call.id] = (REFUSED, REFUSAL_TEXT)
-                turn.note(f"{call.name} was refused: the user did not ask for that action")
+                turn.refuse(call.name)
             else:
                 key = (
                     idempotency_key(inp.session_id, inp.turn_index, call.name, call.arguments_json)
@@ -575,6 +577,12 @@ class TurnRunner:
             yield event
         yield MessagesCommitted((assistant, *tool_messages), tool_calls_executed=len(to_run))
 
+    def _write_not_asked_for(self, turn: _Turn, tool: ToolDef) -> bool:
+        """The write gate: only the user's own messages of this task can authorise a write."""
+        return tool.effect is Effect.WRITE and not self._intent.user_asked_for(
+            tool.name, turn.user_texts
+        )
+
     def _observe(self, call: ToolCall, outcome: ToolOutcome) -> tuple[str, bool]:
         """The tool message the model reads: fenced data (the tools service's fence when it sent
         one), errors as data too, cut to the observation limit."""
@@ -639,7 +647,7 @@ class TurnRunner:
                 else "I'm sorry, I could not finish this request in time."
             )
             yield ComposeText(answer)
-        if turn.notes and (turn.exhausted or turn.failed or _has_refusal(turn.notes)):
+        if turn.notes and (turn.exhausted or turn.failed or turn.refused):
             suffix = "\n\nWhat I could not do: " + "; ".join(turn.notes) + "."
             yield ComposeText(suffix)
             answer += suffix
@@ -682,11 +690,10 @@ class TurnRunner:
 
 
 def _fence(name: str, status: str, body: str) -> str:
+    """Fallback fence when the tools service sent none; like its fence, the data cannot close
+    the tag (angle brackets become JSON escapes)."""
+    safe = body.replace("<", "\\u003c").replace(">", "\\u003e")
     return (
         f'<tool_result name="{name}" status="{status}" trust="untrusted-data">\n'
-        f"{body}\n</tool_result>"
+        f"{safe}\n</tool_result>"
     )
-
-
-def _has_refusal(notes: Sequence[str]) -> bool:
-    return any("refused" in n for n in notes)
