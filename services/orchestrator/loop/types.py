@@ -188,3 +188,88 @@ def canonical_args(arguments_json: str) -> str:
     except ValueError:
         return arguments_json.strip()
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class ActionState(enum.Enum):
+    """A proposed write's life: PENDING until confirmed (EXECUTING -> EXECUTED | FAILED),
+    rejected or expired."""
+
+    PENDING = "pending"
+    EXECUTING = "executing"
+    EXECUTED = "executed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in (
+            ActionState.EXECUTED,
+            ActionState.REJECTED,
+            ActionState.EXPIRED,
+            ActionState.FAILED,
+        )
+
+
+@dataclass(frozen=True)
+class Action:
+    """A write the agent proposed. Arguments are frozen at proposal (canonical JSON, principal
+    arguments included); confirming executes exactly these with ``idempotency_key``."""
+
+    action_id: str
+    session_id: str
+    tool: str
+    arguments_json: str
+    summary: str
+    amount_cents: int = 0
+    currency: str = ""
+    state: ActionState = ActionState.PENDING
+    turn_index: int = 0
+    created_at: float = 0.0
+    expires_at: float = 0.0
+    resolved_at: float = 0.0
+    result_json: str = ""
+    error_message: str = ""
+
+    @property
+    def idempotency_key(self) -> str:
+        """Derived from the action's identity only: however often (or wherever) the action
+        is confirmed, the tools service moves money for it once."""
+        return f"am-action-{self.action_id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action_id": self.action_id,
+            "session_id": self.session_id,
+            "tool": self.tool,
+            "arguments_json": self.arguments_json,
+            "summary": self.summary,
+            "amount_cents": self.amount_cents,
+            "currency": self.currency,
+            "state": self.state.value,
+            "turn_index": self.turn_index,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "resolved_at": self.resolved_at,
+            "result_json": self.result_json,
+            "error_message": self.error_message,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Action:
+        return cls(
+            action_id=data["action_id"],
+            session_id=data["session_id"],
+            tool=data["tool"],
+            arguments_json=data["arguments_json"],
+            summary=data.get("summary", ""),
+            amount_cents=int(data.get("amount_cents", 0)),
+            currency=data.get("currency", ""),
+            state=ActionState(data.get("state", "pending")),
+            turn_index=int(data.get("turn_index", 0)),
+            created_at=float(data.get("created_at", 0.0)),
+            expires_at=float(data.get("expires_at", 0.0)),
+            resolved_at=float(data.get("resolved_at", 0.0)),
+            result_json=data.get("result_json", ""),
+            error_message=data.get("error_message", ""),
+        )

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.orchestrator.loop.policy import Caps
-from services.orchestrator.loop.types import Message
+from services.orchestrator.loop.types import Action, ActionState, Message
 
 
 class SessionState(enum.Enum):
@@ -33,6 +33,8 @@ class SessionRecord:
     updated_at: float = field(default_factory=time.time)
     metadata: dict[str, str] = field(default_factory=dict)
     messages: list[Message] = field(default_factory=list)
+    # Proposed write actions, oldest first.
+    actions: list[Action] = field(default_factory=list)
 
 
 class SessionStore(Protocol):
@@ -75,4 +77,26 @@ class SessionStore(Protocol):
 
     async def release_lease(self, session_id: str, owner: str) -> None:
         """Frees the lease if ``owner`` still holds it."""
+        ...
+
+    async def add_action(self, action: Action) -> None:
+        """Stores a new proposed action of its session; AlreadyExists if its id is taken."""
+        ...
+
+    async def get_action(self, session_id: str, action_id: str) -> Action | None:
+        """The action, or None when the session has no action with that id."""
+        ...
+
+    async def transition_action(
+        self,
+        session_id: str,
+        action_id: str,
+        *,
+        expected: Sequence[ActionState],
+        new: Action,
+    ) -> Action | None:
+        """Atomically replaces the stored action with ``new`` (same id) if its current state
+        is one of ``expected`` (compare-and-set, across replicas). Returns the stored action
+        after the call: ``new`` when the swap happened, the unchanged current one when it did
+        not; None when the action is unknown."""
         ...
