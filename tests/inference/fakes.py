@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.inference.dtype import DtypeChoice, MachineFacts, choose_dtype
 from services.inference.engine import Delta, EngineDead, GenParams
 
 Script = Callable[[list[int], GenParams], str]
@@ -34,14 +35,21 @@ class FakeEngine:
     requests: list[tuple[list[int], GenParams]] = field(default_factory=list)
     # Set while a request is between deltas (tests wait on it).
     in_generation: asyncio.Event = field(default_factory=asyncio.Event)
+    # The machine the fake "starts" on (its dtype is chosen for it like a real engine's).
+    machine: MachineFacts = field(default_factory=lambda: MachineFacts("cpu"))
+    dtype_choice: DtypeChoice | None = None
 
     async def start(self) -> None:
         if self.fail_start:
             raise RuntimeError("fake start failure")
+        self.dtype_choice = choose_dtype(self.engine_args.get("dtype"), self.machine)
         self.started = True
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return "".join(chr(i) for i in token_ids)
 
     async def generate(
         self, prompt_token_ids: list[int], params: GenParams, request_id: str
