@@ -12,19 +12,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.orchestrator.loop.policy import AgentProfile, Caps
+from services.orchestrator.loop.policy import AgentProfile, Caps, Ceilings
 from shared.config import ClientSettings, ServiceSettings
-
-REFERENCE_READ_TOOLS = ["crm_lookup", "kb_search", "billing_lookup"]
-
-
-def _reference_profile() -> AgentProfile:
-    """The seed's customer-success agent: every turn's first round fires CRM + KB + billing."""
-    return AgentProfile(
-        min_tools_first_round=3,
-        required_first_round_tools=list(REFERENCE_READ_TOOLS),
-        preferred_tools=list(REFERENCE_READ_TOOLS),
-    )
 
 
 class OrchestratorSettings(ServiceSettings):
@@ -46,9 +35,12 @@ class OrchestratorSettings(ServiceSettings):
     # Table / key prefix, so several deployments can share one database.
     session_store_prefix: str = "agentmesh_"
 
-    # Defaults of every new session; CreateSession may override any field.
+    # Defaults of every new session; CreateSession may override any field up to `ceilings`.
     caps: Caps = Field(default_factory=Caps)
-    profile: AgentProfile = Field(default_factory=_reference_profile)
+    ceilings: Ceilings = Field(default_factory=Ceilings)
+    # The seed's customer-success agent: the plan picks the tools, the reference reads
+    # (crm_lookup, kb_search, billing_lookup) are its default.
+    profile: AgentProfile = Field(default_factory=AgentProfile)
 
     # A turn's lease in the store lives turn_budget_s + this; a dead replica's lease expires.
     lease_margin_s: float = Field(default=30.0, ge=0)

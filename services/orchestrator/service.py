@@ -81,6 +81,7 @@ class OrchestratorService:
             runner,
             tools,
             settings.caps,
+            ceilings=settings.ceilings,
             lease_margin_s=settings.lease_margin_s,
         )
         self._servicer = AgentServicer(self.agent, self.metrics)
