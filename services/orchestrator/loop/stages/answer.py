@@ -22,10 +22,18 @@ from shared.errors import AgentmeshError, DeadlineExceeded
 
 
 def tool_choice(d: Deps, st: TurnState) -> str:
-    """Whether this generation may open another tool round."""
+    """Whether this generation may open another tool round. A lane that always wants more
+    tools is told it hit the cap when calls or rounds run out."""
     if st.proposals or not st.model_tools:
         return "none"
     if st.calls_left() == 0 or st.rounds_left() == 0:
+        if d.profile.always_use_tools:
+            st.note(
+                NoteKind.CAP,
+                st.cap_text()
+                if st.calls_left() == 0
+                else f"stopped after {st.inp.caps.max_rounds_per_turn} tool rounds (the turn's cap)",
+            )
         return "none"
     if st.tools_deadline.time_remaining() < d.profile.min_round_s + d.profile.deadline_margin_s:
         return "none"
