@@ -696,3 +696,12 @@ async def test_forced_lane_is_used_everywhere_and_never_escalates() -> None:
 
 def test_money_is_counted_in_cents_exactly() -> None:
     assert to_cents(49.99) == 4999 and to_cents("0.1") == 10 and to_cents(98) == 9800
+
+
+async def test_a_read_only_profile_is_never_offered_a_write() -> None:
+    profile = PROFILE.model_copy(update={"allowed_tools": list(READS)})
+    inference = FakeInference(plan=lambda i, m: planned("billing_refund", "kb_search"))
+    tools = FakeTools()
+    events = await run(TurnRunner(inference, tools, profile), make_input())
+    assert tools.names() == ["kb_search"] and of(events, ActionProposed) == []
+    assert {t.name for _, ts in inference.tools_seen for t in ts} == set(READS)

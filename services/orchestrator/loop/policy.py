@@ -81,6 +81,9 @@ class AgentProfile(BaseModel):
     # chose none ("thanks" runs nothing).
     tool_selection: Literal["plan", "default_reads"] = "plan"
     default_tools: list[str] = Field(default_factory=lambda: list(READ_DEFAULTS))
+    # The registry tools this agent may use at all (empty: all of them). A read-only agent
+    # lists its reads here and can never even propose a write.
+    allowed_tools: list[str] = Field(default_factory=list)
     # Tools every first round calls whatever the plan says (benchmarks and forced test paths).
     required_first_round_tools: list[str] = Field(default_factory=list)
     # The continue-or-answer stage must call tools while calls and rounds remain (a lane

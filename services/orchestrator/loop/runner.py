@@ -38,7 +38,7 @@ from services.orchestrator.loop.ports import InferencePort, ToolsPort
 from services.orchestrator.loop.stages.answer import answer
 from services.orchestrator.loop.stages.emit import emit_round, sort_emitted
 from services.orchestrator.loop.stages.execute import execute, observe
-from services.orchestrator.loop.stages.plan import plan
+from services.orchestrator.loop.stages.plan import plan, select
 from services.orchestrator.loop.state import NoteKind, TurnInput, TurnState
 from services.orchestrator.loop.types import (
     Action,
@@ -125,7 +125,12 @@ class TurnRunner:
         task_left = max(0.0, caps.task_budget_s - inp.task_time_used_s)
         turn_deadline = Deadline.after(min(caps.turn_budget_s, task_left)).earliest(inp.deadline)
         principal = inp.principal
-        usable = [t for t in inp.registry if principal.may_use(t)]
+        allowed = set(profile.allowed_tools)
+        usable = [
+            t
+            for t in inp.registry
+            if principal.may_use(t) and (not allowed or t.name in allowed)
+        ]
         return TurnState(
             inp=inp,
             turn_deadline=turn_deadline,
@@ -204,6 +209,27 @@ class TurnRunner:
                 d, st, [(n, "") for n in failed], round_no=st.rounds + 1, feedback=failed
             ):
                 yield event
+
+    # ------------------------------------------------------------------ evaluation
+
+    async def select_tools(self, inp: TurnInput) -> tuple[list[str], list[str]]:
+        """The plan stage alone, as a turn runs it: (the tools the plan chose, the tools the
+        profile's selection mode runs). For evaluation on labelled turns and replays."""
+        st = self._state(inp)
+        await self._fit(st)
+        chosen: list[tuple[str, str]] = []
+        async for _ in plan(self._d, st, chosen):
+            pass
+        return list(st.planned), [name for name, _ in chosen]
+
+    def apply_selection(self, inp: TurnInput, planned: Sequence[str], mode: str) -> list[str]:
+        """What ``mode`` ("plan" / "default_reads") would run for a plan choosing ``planned``."""
+        profile = self._d.profile.model_copy(update={"tool_selection": mode})
+        st = self._state(inp)
+        chosen = select(
+            dataclasses.replace(self._d, profile=profile), st, [(n, "") for n in planned]
+        )
+        return [name for name, _ in chosen]
 
     # ------------------------------------------------------------------ confirmed action
 

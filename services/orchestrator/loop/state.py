@@ -94,6 +94,8 @@ class TurnState:
     seen: set[tuple[str, str]] = field(default_factory=set)
     notes: list[Note] = field(default_factory=list)
     proposals: list[Action] = field(default_factory=list)
+    # The tools the plan itself chose, before the profile's selection mode.
+    planned: tuple[str, ...] = ()
     tool_level: int = 0
     lane_escalations: int = 0
     llm_stages: int = 0

@@ -28,12 +28,13 @@ def tool_choice(d: Deps, st: TurnState) -> str:
         return "none"
     if st.calls_left() == 0 or st.rounds_left() == 0:
         if d.profile.always_use_tools:
-            st.note(
-                NoteKind.CAP,
+            rounds = st.inp.caps.max_rounds_per_turn
+            text = (
                 st.cap_text()
                 if st.calls_left() == 0
-                else f"stopped after {st.inp.caps.max_rounds_per_turn} tool rounds (the turn's cap)",
+                else f"stopped after {rounds} tool rounds (the turn's cap)"
             )
+            st.note(NoteKind.CAP, text)
         return "none"
     if st.tools_deadline.time_remaining() < d.profile.min_round_s + d.profile.deadline_margin_s:
         return "none"

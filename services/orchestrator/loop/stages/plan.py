@@ -3,7 +3,7 @@ generation). The profile's selection mode turns the plan into the round's calls.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from services.orchestrator.loop import prompts
 from services.orchestrator.loop.deps import Deps
@@ -57,6 +57,7 @@ async def plan(d: Deps, st: TurnState, out: list[tuple[str, str]]) -> AsyncItera
         st.note(NoteKind.STAGE_FAILED, f"planning failed ({exc.code.name.lower()})")
         parsed = prompts.ParsedPlan(calls=(), reasoning="", parsed=False)
 
+    st.planned = parsed.tools
     calls = select(d, st, parsed.calls)
     if len(calls) > left:
         st.note(NoteKind.CAP, st.cap_text())
@@ -71,7 +72,7 @@ async def plan(d: Deps, st: TurnState, out: list[tuple[str, str]]) -> AsyncItera
     )
 
 
-def select(d: Deps, st: TurnState, planned: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+def select(d: Deps, st: TurnState, planned: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """The plan's calls under the profile: forced tools first, then the reference reads as a
     default the plan overrides by choosing nothing."""
     profile = d.profile
