@@ -13,14 +13,18 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.inference.config import ToolCallFormat
+from agentmesh.inference.v1 import inference_pb2 as pb
+
+from services.inference.config import LaneSpec, SamplingDefaults, ToolCallFormat
 from services.inference.prompt import ToolDef
 from services.inference.tool_calls import (
     TOOL_CALL_OPENER,
+    GrammarBuilder,
     ParsedCall,
     new_call_id,
     parse_calls,
 )
+from shared.errors import InvalidArgument
 
 # llama3_json models may open a call with this special token instead of the bare object.
 PYTHON_TAG = "<|python_tag|>"
@@ -50,6 +54,19 @@ class ContinueOrAnswer:
     path: Path = Path.UNDECIDED
     _held: str = ""
     _parts: list[str] = field(default_factory=list)
+
+    def grammar(self, grammars: GrammarBuilder) -> str:
+        """MODE_REQUIRED: 1..max_calls calls only; MODE_AUTO: those calls or a text answer
+        that cannot be read as a call."""
+        if self.calls_only:
+            return grammars.calls(self.tools, self.fmt, 1, self.max_calls)
+        return grammars.answer_or_calls(self.tools, self.fmt, self.max_calls)
+
+    def default_max_tokens(self, defaults: SamplingDefaults) -> int:
+        """Without a max_tokens override: one call's budget per allowed call, and (auto) at
+        least the lane's answer budget."""
+        per_calls = defaults.tool_call_max_tokens * self.max_calls
+        return per_calls if self.calls_only else max(per_calls, defaults.max_tokens)
 
     def feed(self, text: str) -> str:
         """One delta in; the text to stream now (possibly empty)."""
@@ -98,3 +115,33 @@ class ContinueOrAnswer:
         if any(o.startswith(head) for o in openers):
             return Path.UNDECIDED
         return Path.TEXT
+
+
+def continue_or_answer(
+    req: pb.StreamGenerateRequest,
+    lane: LaneSpec,
+    tools: Sequence[ToolDef],
+    grammars: GrammarBuilder,
+    default_max_calls: int,
+) -> ContinueOrAnswer | None:
+    """The splitter of a "continue or answer" stream, or None for a text-only one (mode
+    unspecified, or auto without tools); bad combinations are INVALID_ARGUMENT."""
+    mode = req.tool_choice.mode
+    if mode == pb.ToolChoice.MODE_NAMED:
+        raise InvalidArgument(
+            "tool_choice.mode", "MODE_NAMED is not supported in StreamGenerate; use CallTools"
+        )
+    if mode == pb.ToolChoice.MODE_UNSPECIFIED or (mode == pb.ToolChoice.MODE_AUTO and not tools):
+        return None
+    if mode not in (pb.ToolChoice.MODE_AUTO, pb.ToolChoice.MODE_REQUIRED):
+        raise InvalidArgument("tool_choice.mode", "unknown mode")
+    if not tools:
+        raise InvalidArgument("tools", "MODE_REQUIRED needs at least one tool")
+    if req.response_format.json_schema:
+        raise InvalidArgument("response_format.json_schema", "cannot be combined with tool_choice")
+    fmt = lane.tool_call_format
+    grammars.check_tools(tools, fmt)
+    max_calls = req.max_calls or default_max_calls
+    if fmt is ToolCallFormat.LLAMA3_JSON:
+        max_calls = 1  # one call per generation in this format
+    return ContinueOrAnswer(tools, fmt, max_calls, calls_only=mode == pb.ToolChoice.MODE_REQUIRED)

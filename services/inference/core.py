@@ -23,7 +23,7 @@ from agentmesh.inference.v1 import inference_pb2 as pb
 from prometheus_client import CollectorRegistry
 
 from services.inference.config import InferenceSettings, LanesConfig, StageName, ToolCallFormat
-from services.inference.continue_answer import ContinueOrAnswer
+from services.inference.continue_answer import ContinueOrAnswer, continue_or_answer
 from services.inference.counting import check_count_limits, count_all
 from services.inference.dtype import DtypeChoice
 from services.inference.engine import Delta, Engine, EngineDead, EngineFactory, EngineRejected
@@ -210,60 +210,22 @@ class InferenceCore:
         splitter = None
         default_max = None
         if isinstance(req, pb.StreamGenerateRequest):
-            splitter = self._continue_or_answer(req, lane, tools)
+            splitter = continue_or_answer(
+                req, lane.spec, tools, self.grammars, self.settings.default_max_tool_calls
+            )
             if splitter is not None:
-                per_call = lane.spec.sampling.tool_call_max_tokens * splitter.max_calls
-                default_max = (
-                    per_call
-                    if splitter.calls_only
-                    else max(per_call, lane.spec.sampling.max_tokens)
-                )
+                default_max = splitter.default_max_tokens(lane.spec.sampling)
         params = self._params(lane, req.sampling, default_max)
         grammar = None
         if req.response_format.json_schema:
             grammar = self._response_grammar(req.response_format.json_schema)
         if splitter is not None:
-            grammar = await self._off_loop(self._stream_grammar, tools, splitter)
+            grammar = await self._off_loop(splitter.grammar, self.grammars)
         ids, max_tokens = await self._off_loop(
             self._render_tokenize, lane, messages, tools, params.max_tokens
         )
         return Prepared(
             lane, choice, ids, replace(params, max_tokens=max_tokens, grammar=grammar), splitter
-        )
-
-    def _stream_grammar(self, tools: Sequence[ToolDef], splitter: ContinueOrAnswer) -> str:
-        if splitter.calls_only:
-            return self.grammars.calls(tools, splitter.fmt, 1, splitter.max_calls)
-        return self.grammars.answer_or_calls(tools, splitter.fmt, splitter.max_calls)
-
-    def _continue_or_answer(
-        self, req: pb.StreamGenerateRequest, lane: Lane, tools: Sequence[ToolDef]
-    ) -> ContinueOrAnswer | None:
-        """The splitter of a "continue or answer" stream, or None for a text-only one."""
-        mode = req.tool_choice.mode
-        if mode == pb.ToolChoice.MODE_NAMED:
-            raise InvalidArgument(
-                "tool_choice.mode", "MODE_NAMED is not supported in StreamGenerate; use CallTools"
-            )
-        if mode == pb.ToolChoice.MODE_UNSPECIFIED or (
-            mode == pb.ToolChoice.MODE_AUTO and not tools
-        ):
-            return None
-        if mode not in (pb.ToolChoice.MODE_AUTO, pb.ToolChoice.MODE_REQUIRED):
-            raise InvalidArgument("tool_choice.mode", "unknown mode")
-        if not tools:
-            raise InvalidArgument("tools", "MODE_REQUIRED needs at least one tool")
-        if req.response_format.json_schema:
-            raise InvalidArgument(
-                "response_format.json_schema", "cannot be combined with tool_choice"
-            )
-        fmt = lane.spec.tool_call_format
-        self.grammars.check_tools(tools, fmt)
-        max_calls = req.max_calls or self.settings.default_max_tool_calls
-        if fmt is ToolCallFormat.LLAMA3_JSON:
-            max_calls = 1  # one call per generation in this format
-        return ContinueOrAnswer(
-            tools, fmt, max_calls, calls_only=mode == pb.ToolChoice.MODE_REQUIRED
         )
 
     def _response_grammar(self, schema_text: str) -> str:
