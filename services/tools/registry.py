@@ -132,8 +132,8 @@ class Registry:
         return list(self._tools)
 
 
-_CUSTOMER_ID = {"type": "string", "pattern": "^CUST-[0-9]{4,}$", "description": "e.g. CUST-0042"}
-_INVOICE_ID = {"type": "string", "pattern": "^INV-[0-9]{5,}$"}
+_CUSTOMER_ID = {"type": "string", "pattern": "^CUST-[0-9]{4,8}$", "description": "e.g. CUST-0042"}
+_INVOICE_ID = {"type": "string", "pattern": "^INV-[0-9]{5,8}$"}
 _AMOUNT = {
     "type": "number",
     "exclusiveMinimum": 0,
@@ -187,7 +187,7 @@ KB_SEARCH = define(
     {
         "type": "object",
         "properties": {
-            "query": {"type": "string", "minLength": 2, "maxLength": 500},
+            "query": {"type": "string", "minLength": 2, "maxLength": 200},
             "top_k": {"type": "integer", "minimum": 1, "maximum": 10, "default": 3},
         },
         "required": ["query"],

@@ -187,7 +187,9 @@ def check_turn_shape(events: list[pb.RunTurnResponse]) -> pb.TurnCompleted:
     plans = of(events, "plan")
     assert plans and set(plans[0].chosen_tools) >= READS
     started = of(events, "tool_call_started")
-    assert {s.name for s in started if s.round == 1} >= READS
+    assert {s.name for s in started if s.round == 1} >= READS, [
+        (f.name, f.status, f.error_message) for f in of(events, "tool_call_finished")
+    ] + [e.reason for e in of(events, "escalation")]
     finished = of(events, "tool_call_finished")
     assert len(finished) >= 3
     deltas = of(events, "compose_delta")
