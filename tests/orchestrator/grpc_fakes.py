@@ -327,7 +327,8 @@ class FakeToolServicer(tools_pb2_grpc.ToolServiceServicer):  # type: ignore[misc
             )
         return tools_pb2.ExecuteToolsResponse(results=results)
 
-    def _run(self, inv: tools_pb2.ToolInvocation, customer: str) -> tuple[int, str, bool]:
+    def _run(self, inv: tools_pb2.ToolInvocation, customer: str) -> tuple[Any, str, bool]:
+        """(ToolResultStatus, result JSON, replayed)."""
         tool = self.registry.get(inv.name)
         if tool is None:
             return tools_pb2.TOOL_RESULT_STATUS_NOT_FOUND, "", False

@@ -254,7 +254,10 @@ def of(events: list[pb.RunTurnResponse], kind: str) -> list[Any]:
 
 
 async def session(stub: Any, session_id: str) -> pb.Session:
-    return (await stub.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+    response: pb.GetSessionResponse = await stub.GetSession(
+        pb.GetSessionRequest(session_id=session_id)
+    )
+    return response.session
 
 
 def _details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
@@ -297,9 +300,9 @@ def plan_refund(mesh: Mesh, invoice_id: str, amount: float) -> None:
     }
 
 
-async def propose_refund(mesh: Mesh, stub: Any) -> tuple[str, pb.Action, pb.Action]:
-    """A session of CUST-0001 asking for the duplicate charge back: (session, proposal,
-    the latest invoice's id as the action's invoice)."""
+async def propose_refund(mesh: Mesh, stub: Any) -> tuple[str, pb.Action, pb.TurnCompleted]:
+    """A session of CUST-0001 asking for its latest invoice's duplicate charge back:
+    (session id, the proposed action, the proposing turn's TurnCompleted)."""
     latest = mesh.invoices(ME)[-1]
     plan_refund(mesh, latest["id"], latest["amount_cents"] / 100)
     session_id = await create(stub)

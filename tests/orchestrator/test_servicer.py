@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,34 +483,79 @@ async def test_any_replica_continues_any_session_and_restarts_lose_nothing(mesh:
         assert stored.session.task_tool_calls == 12 and stored.session.turn_count == 4
 
 
-async def test_chat_cli_streams_answers_tool_calls_and_the_latency_table(mesh: Mesh) -> None:
+async def chat_cli(address: str, *args: str, stdin: bytes | None = None) -> str:
+    """Runs `agentmesh chat` against ``address``; returns its output (exit status 0)."""
     import sys
 
-    server = await mesh.orchestrator()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "cli.main",
         "chat",
         "--target",
-        server.address,
+        address,
         "--customer",
         "CUST-0042",
-        "-m",
-        "Why was I charged twice?",
-        "-m",
-        "Thanks!",
+        *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={"COLUMNS": "120", "PATH": "/usr/bin:/bin", "TERM": "dumb"},
     )
-    out, err = await asyncio.wait_for(process.communicate(), 120)
-    text = out.decode()
+    out, err = await asyncio.wait_for(process.communicate(stdin), 120)
     assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_chat_cli_streams_answers_tool_calls_and_the_latency_table(mesh: Mesh) -> None:
+    server = await mesh.orchestrator()
+    text = await chat_cli(server.address, "-m", "Why was I charged twice?", "-m", "Thanks!")
     assert text.count(mesh.inference.answer) == 2
     assert text.count("<- crm_lookup OK") == 2
     assert text.count("Turn latency") == 2 and "Queue + prefill (TTFT)" in text
     assert "plan #1 [workhorse]" in text
+
+
+PROPOSAL = "Refund 19.00 USD on INV-00012: charged twice"
+
+
+@pytest.mark.parametrize("flag", ["--yes", "--no", None])
+async def test_chat_cli_asks_before_a_proposed_write_and_sends_the_answer(
+    mesh: Mesh, flag: str | None
+) -> None:
+    """With -m the flag decides (default no); the proposal is shown with its amount, the
+    confirming or rejecting turn is sent and rendered."""
+    mesh.inference.plan_tools = ["billing_lookup", "billing_refund"]
+    server = await mesh.orchestrator()
+    args = ["-m", "Please refund the duplicate charge."] + ([flag] if flag else [])
+    text = await chat_cli(server.address, *args)
+    assert "<- billing_refund PROPOSED" in text
+    assert f"Proposed, not done yet: {PROPOSAL}" in text and "amount: 19.00 USD" in text
+    [action_id] = set(re.findall(r"act_[0-9a-f]{20}", text))
+    assert f"?? proposed {action_id}: {PROPOSAL} (19.00 USD)" in text
+    refunds = mesh.tools.of_tool("billing_refund")
+    if flag == "--yes":
+        assert "Go ahead? yes (--yes)" in text
+        assert f"== action {action_id} EXECUTED: {PROPOSAL}" in text
+        assert "<- billing_refund OK" in text
+        assert [r.invocation.idempotency_key for r in refunds] == [f"am-action-{action_id}"]
+    else:
+        assert "Go ahead? no (--no)" in text
+        assert f"== action {action_id} REJECTED: {PROPOSAL}" in text
+        assert "I will not do this" in text
+        assert refunds == []
+    assert text.count("Turn latency") == 2  # the proposing turn and the answering one
+
+
+async def test_chat_cli_interactive_prompt_confirms_with_y(mesh: Mesh) -> None:
+    mesh.inference.plan_tools = ["billing_lookup", "billing_refund"]
+    server = await mesh.orchestrator()
+    text = await chat_cli(server.address, stdin=b"Please refund the duplicate charge.\ny\n")
+    assert "Go ahead? [y/n] (n):" in text
+    [action_id] = set(re.findall(r"act_[0-9a-f]{20}", text))
+    assert f"== action {action_id} EXECUTED: {PROPOSAL}" in text
+    [refund] = mesh.tools.of_tool("billing_refund")
+    assert refund.invocation.idempotency_key == f"am-action-{action_id}"
 
 
 async def test_turn_metrics_are_exported(mesh: Mesh) -> None:
