@@ -93,6 +93,17 @@ async def tools_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
             "occurred_at": max(i["occurred_at"] for i in crm["crm_interactions"]),
         }
     )
+    # A ~20,000-token CRM note: the tool output the context budget must cut (once, in tokens).
+    crm["crm_interactions"].append(
+        {
+            "id": "INT-999998",
+            "customer_id": "CUST-0003",
+            "channel": "note",
+            "summary": "x7 " * 10_000,
+            "agent": "import",
+            "occurred_at": max(i["occurred_at"] for i in crm["crm_interactions"]),
+        }
+    )
     dataset = DemoDataset(crm=crm, billing=data.billing, articles=[*articles, poisoned])
     settings = ToolsSettings(port=0, metrics_port=0, data_dir=tmp_path_factory.mktemp("tools"))
     backends = await open_backends(settings, dataset=dataset)
@@ -415,3 +426,52 @@ async def test_client_disconnect_aborts_the_engine_request(mesh: Mesh) -> None:
             break
         await asyncio.sleep(0.1)
     assert session.messages[0].content.startswith("Please explain")
+
+
+async def test_oversized_inputs_fit_the_window_and_complete_on_the_real_engine(
+    mesh: Mesh,
+) -> None:
+    """A 16,000-character message, a ~20,000-token tool output and 25 turns of history: each
+    turn is budgeted in the lane's tokens and COMPLETES (never PROMPT_TOO_LONG)."""
+    from services.orchestrator.loop.types import Message, Role
+    from services.orchestrator.sessions.sql import SqlSessionStore
+
+    _, stub = await mesh.start()
+    long_message = ("My invoice looks wrong and I would like you to check it. " * 300)[:16_000]
+    session_id = await new_session(stub)
+    done = of(await run_turn(stub, session_id, long_message), "turn_completed")[0]
+    assert done.outcome == pb.TURN_OUTCOME_COMPLETED, list(done.notes)
+    assert "the message was cut to fit the context window" in done.notes
+
+    big = await new_session(stub, customer="CUST-0003")
+    events = await run_turn(stub, big, "Can you read my account notes?")
+    done = of(events, "turn_completed")[0]
+    assert done.outcome == pb.TURN_OUTCOME_COMPLETED, list(done.notes)
+    crm = [f for f in of(events, "tool_call_finished") if f.name == "crm_lookup"]
+    assert [(f.status, f.truncated) for f in crm] == [("OK", True)]
+    session = (await stub.GetSession(pb.GetSessionRequest(session_id=big))).session
+    observed = next(m.content for m in session.messages if m.name == "crm_lookup")
+    assert observed.endswith("[... cut to fit the context window ...]\n</tool_result>")
+
+    history = await new_session(stub)
+    store = SqlSessionStore(mesh.store_url)
+    await store.open()
+    try:
+        for i in range(25):
+            await store.append_messages(
+                history,
+                i + 1,
+                [
+                    Message(Role.USER, f"Earlier question {i}: " + "tell me about plans " * 40),
+                    Message(
+                        Role.ASSISTANT, f"Earlier answer {i}: " + "plans differ in seats " * 40
+                    ),
+                ],
+            )
+    finally:
+        await store.close()
+    done = of(await run_turn(stub, history, "And what about my latest invoice?"), "turn_completed")[
+        0
+    ]
+    assert done.outcome == pb.TURN_OUTCOME_COMPLETED, list(done.notes)
+    assert any("older messages left out" in n for n in done.notes), list(done.notes)

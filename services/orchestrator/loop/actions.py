@@ -126,6 +126,7 @@ class RefundCheck:
         props = dict(schema.get("properties", {}))
         props["invoice_id"] = {"type": "string", "enum": sorted(invoices)}
         props["amount"] = {**dict(props.get("amount", {})), "maximum": top / 100}
+        _short_reason(props)
         schema["properties"] = props
         return tool.with_schema(schema)
 
@@ -172,6 +173,7 @@ class CreditCheck:
         amount = dict(props.get("amount", {}))
         amount["maximum"] = min(float(amount.get("maximum", top / 100)), top / 100)
         props["amount"] = amount
+        _short_reason(props)
         schema["properties"] = props
         return tool.with_schema(schema)
 
@@ -190,6 +192,17 @@ class CreditCheck:
             currency=currency,
             summary=f"Credit {money(amount)} {currency} to the account: {reason}".strip(": "),
         )
+
+
+REASON_MAX_CHARS = 80
+
+
+def _short_reason(props: dict[str, Any]) -> None:
+    """A reason short enough for one line of the summary (and for the call's token budget)."""
+    if "reason" in props:
+        reason = dict(props["reason"])
+        reason["maxLength"] = min(int(reason.get("maxLength", REASON_MAX_CHARS)), REASON_MAX_CHARS)
+        props["reason"] = reason
 
 
 def default_write_checks() -> dict[str, WriteCheck]:
