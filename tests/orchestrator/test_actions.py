@@ -466,17 +466,25 @@ async def test_an_expired_proposal_moves_nothing(mesh: Mesh) -> None:
     assert [a.state for a in stored.actions] == [pb.ACTION_STATE_EXPIRED]
 
 
-@pytest.mark.parametrize("case", ["another customer's invoice", "more than is refundable"])
+@pytest.mark.parametrize(
+    "case", ["another customer's invoice", "more than is refundable", "above the per-action limit"]
+)
 async def test_a_refund_outside_the_customers_records_is_declined(mesh: Mesh, case: str) -> None:
-    stub = await mesh.orchestrator()
     if case == "another customer's invoice":
+        stub = await mesh.orchestrator()
         invoice = mesh.invoices(OTHER)[-2]  # paid, so refundable for its own customer
         plan_refund(mesh, invoice["id"], invoice["amount_cents"] / 100)
         why = f"invoice {invoice['id']} is not on this account"
-    else:
+    elif case == "more than is refundable":
+        stub = await mesh.orchestrator()
         invoice = mesh.invoices(ME)[-1]
         plan_refund(mesh, invoice["id"], 120.0)  # 98.00 is refundable (charged twice)
         why = f"120.00 is more than the 98.00 refundable on {invoice['id']}"
+    else:
+        stub = await mesh.orchestrator(profile={"actions": {"max_amount_per_action": 40}})
+        invoice = mesh.invoices(ME)[-1]
+        plan_refund(mesh, invoice["id"], 49.0)
+        why = "49.00 is above the per-action limit of 40.00"
     session_id = await create(stub)
     events = await turn(stub, session_id, "Please refund that invoice.")
     [finished] = [f for f in of(events, "tool_call_finished") if f.name == "billing_refund"]
@@ -488,6 +496,51 @@ async def test_a_refund_outside_the_customers_records_is_declined(mesh: Mesh, ca
     assert (await session(stub, session_id)).actions == []
     assert mesh.refunds() == [] and "billing_refund" not in mesh.tools.names()
     assert mesh.refunded_cents(invoice["id"]) == 0
+
+
+async def test_the_conversations_money_ceiling_holds_across_proposals(mesh: Mesh) -> None:
+    """Two pending refunds of 49.00 under a 60.00 ceiling: the first confirmed executes, the
+    second is refused at confirmation, and a new proposal is narrowed to what is left."""
+    stub = await mesh.orchestrator(profile={"actions": {"max_amount_per_session": 60}})
+    session_id = await create(stub)
+    actions = []
+    for invoice in mesh.invoices(ME)[-2:]:
+        plan_refund(mesh, invoice["id"], 49.0)
+        events = await turn(stub, session_id, f"Please refund {invoice['id']}.")
+        [proposed] = of(events, "action_proposed")
+        actions.append(proposed.action)
+    first, second = actions
+    confirmed = await turn(stub, session_id, confirm_action_id=first.action_id)
+    assert [r.action.state for r in of(confirmed, "action_resolved")] == [pb.ACTION_STATE_EXECUTED]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await turn(stub, session_id, confirm_action_id=second.action_id)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason(err.value) == "ACTION_OVER_LIMIT"
+    assert [(r[0], r[1]) for r in mesh.refunds()] == [(mesh.invoices(ME)[-2]["id"], 4900)]
+
+    plan_refund(mesh, mesh.invoices(ME)[0]["id"], 49.0)
+    events = await turn(stub, session_id, "And the first invoice too, please.")
+    emitted = mesh.inference.of_kind("call_tools")[-1]
+    [view] = [t for t in emitted.tools if t.name == "billing_refund"]
+    assert json.loads(view.parameters_json_schema)["properties"]["amount"]["maximum"] == 11.0
+    [finished] = [f for f in of(events, "tool_call_finished") if f.name == "billing_refund"]
+    assert finished.status == "DECLINED"
+    assert finished.error_message == (
+        "49.00 is above what this conversation may still move (11.00)"
+    )
+    assert of(events, "action_proposed") == []
+    assert len(mesh.refunds()) == 1
+
+
+async def test_an_action_of_another_session_cannot_be_confirmed(mesh: Mesh) -> None:
+    stub = await mesh.orchestrator()
+    _, action, _ = await propose_refund(mesh, stub)
+    intruder = await create(stub, ME)  # even the same customer, in another conversation
+    for kw in ({"confirm_action_id": action.action_id}, {"reject_action_id": action.action_id}):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await turn(stub, intruder, **kw)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, kw
+    assert mesh.refunds() == [] and "billing_refund" not in mesh.tools.names()
 
 
 # ---------------------------------------------------------------------- principals
