@@ -77,6 +77,8 @@ async def _wait_all_serving(ports: dict[str, int], timeout_s: float) -> None:
     assert not pending, f"not SERVING in time: {sorted(pending)}"
 
 
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.usefixtures("without_shared_engine")
 async def test_up_serves_health_reflection_and_the_readme_commands(tmp_path: Path) -> None:
     ports = {name: _free_port() for name in DEFAULT_PORTS}
     env = {
