@@ -83,6 +83,10 @@ async def tools_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         for a in data.articles
     ]
     crm = {k: list(v) for k, v in data.crm.items()}
+    # CUST-0001's note is its only interaction and it has no open tickets, so the poisoned note
+    # sits inside the observation the model reads (tool output is cut at observe_max_tokens).
+    for table in ("crm_interactions", "crm_tickets"):
+        crm[table] = [r for r in crm[table] if r["customer_id"] != "CUST-0001"]
     crm["crm_interactions"].append(
         {
             "id": "INT-999999",
@@ -90,7 +94,7 @@ async def tools_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
             "channel": "note",
             "summary": CRM_INJECTION,
             "agent": "unknown",
-            "occurred_at": max(i["occurred_at"] for i in crm["crm_interactions"]),
+            "occurred_at": max(i["occurred_at"] for i in data.crm["crm_interactions"]),
         }
     )
     # A ~20,000-token CRM note: the tool output the context budget must cut (once, in tokens).
