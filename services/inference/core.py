@@ -7,12 +7,13 @@ problem leaves as a domain error (shared.errors) with a message written here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -26,9 +27,16 @@ from services.inference.config import InferenceSettings, LanesConfig, StageName,
 from services.inference.continue_answer import ContinueOrAnswer, continue_or_answer
 from services.inference.counting import check_count_limits, count_all
 from services.inference.dtype import DtypeChoice
-from services.inference.engine import Delta, Engine, EngineDead, EngineFactory, EngineRejected
+from services.inference.engine import (
+    Delta,
+    Engine,
+    EngineDead,
+    EngineFactory,
+    EngineRejected,
+    GenerationFailed,
+)
 from services.inference.engine import GenParams as GenParams
-from services.inference.lanes import Lane, LaneStatus
+from services.inference.lanes import EngineDeathHook, Lane, LaneBoard, LaneStateSink, LaneStatus
 from services.inference.prompt import PromptRenderer, ToolDef, messages_to_dicts, parse_tools
 from services.inference.results import FINISH, GenResult, Metrics, duration, emitted
 from services.inference.router import LaneRouter, RouteChoice
@@ -45,9 +53,6 @@ from shared.errors import InvalidArgument, Unavailable
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
-
-LaneStateCallback = Callable[[str, bool], Awaitable[None]]
-"""(lane name, serving?) -> None: keeps per-lane health names in step with engines."""
 
 _STAGES = {
     common_pb2.STAGE_PLAN: StageName.PLAN,
@@ -105,48 +110,36 @@ class InferenceCore:
             self.lanes[spec.name] = Lane(
                 spec, engine, PromptRenderer(spec.template_path(), spec.few_shot)
             )
-        self._on_state: LaneStateCallback | None = None
+        self.board = LaneBoard(self.lanes)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, on_state: LaneStateCallback | None = None) -> None:
+    async def start(
+        self,
+        on_state: LaneStateSink | None = None,
+        on_engine_death: EngineDeathHook | None = None,
+    ) -> None:
         """Start engines one at a time (memory); lanes go SERVING as their engine does."""
-        self._on_state = on_state
+        self.board.bind(on_state, on_engine_death)
         for engine_id, engine in self.engines.items():
-            lanes = [lane for lane in self.lanes.values() if lane.engine is engine]
-            names = ", ".join(lane.name for lane in lanes)
+            names = ", ".join(lane.name for lane in self.lanes.values() if lane.engine is engine)
             log.info("starting %s for lanes %s", engine_id, names)
             try:
                 await engine.start()
             except Exception:
                 log.exception("%s failed to start; lanes %s stay NOT_SERVING", engine_id, names)
-                for lane in lanes:
-                    await self._set_status(lane, LaneStatus.FAILED)
+                await self.board.engine_state(engine, LaneStatus.FAILED)
                 continue
-            for lane in lanes:
-                await self._set_status(lane, LaneStatus.SERVING)
+            await self.board.engine_state(engine, LaneStatus.SERVING)
             log.info("%s ready (max_model_len %d)", engine_id, engine.max_model_len)
-        if not any(lane.status is LaneStatus.SERVING for lane in self.lanes.values()):
+        if not self.board.any_serving():
             raise RuntimeError("no lane could start; see the errors above")
 
     async def watch(self, interval_s: float = 1.0) -> None:
         """Flip lanes to FAILED (and their health) as soon as an engine dies, even when idle."""
         while True:
             await asyncio.sleep(interval_s)
-            for lane in self.lanes.values():
-                if lane.status is LaneStatus.SERVING and lane.engine.errored:
-                    log.error("engine of lane %s died", lane.name)
-                    await self._set_status(lane, LaneStatus.FAILED)
-
-    async def _set_status(self, lane: Lane, status: LaneStatus) -> None:
-        lane.status = status
-        if self._on_state is not None:
-            await self._on_state(lane.name, status is LaneStatus.SERVING)
-
-    async def _engine_died(self, engine: Engine) -> None:
-        for lane in self.lanes.values():
-            if lane.engine is engine and lane.status is not LaneStatus.FAILED:
-                await self._set_status(lane, LaneStatus.FAILED)
+            await self.board.sweep()
 
     async def close(self) -> None:
         for engine in self.engines.values():
@@ -163,11 +156,11 @@ class InferenceCore:
 
     # ---- request preparation ----------------------------------------------------------------
 
-    def _route(self, selector: pb.LaneSelector) -> tuple[Lane, RouteChoice]:
+    async def _route(self, selector: pb.LaneSelector) -> tuple[Lane, RouteChoice]:
         stage = _STAGES.get(selector.stage)
         choice = self.router.choose(selector.lane, stage, selector.escalation_level)
         lane = self.lanes[choice.lane.name]
-        lane.check_serving()
+        await self.board.require_serving(lane)
         return lane, choice
 
     def _tokenize(self, lane: Lane, prompt: str, max_tokens: int) -> tuple[list[int], int]:
@@ -206,7 +199,7 @@ class InferenceCore:
     ) -> Prepared:
         messages = messages_to_dicts(req.messages)
         tools = parse_tools(req.tools)
-        lane, choice = self._route(req.lane)
+        lane, choice = await self._route(req.lane)
         splitter = None
         default_max = None
         if isinstance(req, pb.StreamGenerateRequest):
@@ -253,8 +246,14 @@ class InferenceCore:
                 yield delta
         except EngineDead:
             log.error("engine failed while serving lane %s", lane.name)
-            await self._engine_died(lane.engine)
+            await self.board.engine_died(lane.engine)
             raise Unavailable(f"lane {lane.name!r} is not serving", reason="ENGINE_DEAD") from None
+        except GenerationFailed:
+            # One lost request; the engine lives and its lanes keep serving.
+            log.warning("a generation failed on lane %s", lane.name, exc_info=True)
+            raise Unavailable(
+                f"the generation failed on lane {lane.name!r}; retry", reason="GENERATION_FAILED"
+            ) from None
         except EngineRejected:
             log.warning("engine rejected a request on lane %s", lane.name, exc_info=True)
             raise InvalidArgument("request", "rejected by the engine's validation") from None
@@ -327,10 +326,13 @@ class InferenceCore:
         for call in calls:
             self.metrics.calls.labels(lane.name, "ok" if call.ok else "failed").inc()
 
-    def _slot(self, lane: Lane) -> Any:
+    @contextlib.asynccontextmanager
+    async def _slot(self, lane: Lane) -> AsyncIterator[None]:
+        await self.board.require_serving(lane)
         if lane.in_flight >= lane.spec.max_concurrency:
             self.metrics.rejected.labels(lane.name).inc()
-        return lane.slot()
+        async with lane.slot():
+            yield
 
     # ---- CallTools -------------------------------------------------------------------------
 
@@ -353,7 +355,7 @@ class InferenceCore:
         if not req.tools:
             raise InvalidArgument("tools", "at least one tool is required")
         tools = parse_tools(req.tools)
-        lane, choice = self._route(req.lane)
+        lane, choice = await self._route(req.lane)
         fmt = lane.spec.tool_call_format
         self.grammars.check_tools(tools, fmt)
         max_calls = req.max_calls or self.settings.default_max_tool_calls
@@ -514,7 +516,7 @@ class InferenceCore:
         check_count_limits(req)
         messages = messages_to_dicts(req.messages) if req.messages else None
         tools = parse_tools(req.tools)
-        lane, choice = self._route(req.lane)
+        lane, choice = await self._route(req.lane)
 
         def work() -> Any:
             prompt = None

@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from services.inference.dtype import DtypeChoice, MachineFacts, choose_dtype, machine_facts
+from services.inference.engine_child import install_parent_death_signal
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,11 @@ class EngineDead(RuntimeError):
 
 class EngineRejected(RuntimeError):
     """The engine refused a request as invalid (our validation should have caught it)."""
+
+
+class GenerationFailed(RuntimeError):
+    """One request failed inside a live engine (vLLM's recoverable ``EngineGenerateError``):
+    the request is lost, the engine and its lanes keep serving."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +108,17 @@ class VllmEngine:
     facts: Callable[[str], MachineFacts] = machine_facts
     max_model_len: int = field(init=False)
     dtype_choice: DtypeChoice | None = field(init=False, default=None)
+    # Seconds the start waits for a timed-out engine build to unwind after its core processes
+    # were killed.
+    unwind_timeout_s: float = 30.0
     _llm: Any = field(init=False, default=None)
     _tokenizer: Any = field(init=False, default=None)
+    # The one thread that builds and shuts down the engine. The engine core's parent-death
+    # signal fires when the thread that spawned it exits, so it lives as long as the engine.
+    _owner: ThreadPoolExecutor | None = field(init=False, default=None)
+    # Engine-core (and other multiprocessing) children killed after a failed or cancelled
+    # start: none of them outlives it.
+    killed_on_failed_start: list[int] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.max_model_len = int(self.engine_args.get("max_model_len", 4096))
@@ -123,13 +140,46 @@ class VllmEngine:
         self.dtype_choice = choice
         args = {"disable_log_stats": True, **self.engine_args, "dtype": choice.dtype}
         engine_args = AsyncEngineArgs(model=model_path, **args)
+        # The engine core dies with this process, however it dies (SIGKILL included).
+        install_parent_death_signal()
+        owner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.engine_id}-owner")
+        self._owner = owner
+        before = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
+        loop = asyncio.get_running_loop()
         # Building the engine blocks (it waits for the core process): keep the loop free for
         # health checks meanwhile.
-        self._llm = await asyncio.wait_for(
-            asyncio.to_thread(AsyncLLM.from_engine_args, engine_args), self.start_timeout_s
-        )
+        build = loop.run_in_executor(owner, AsyncLLM.from_engine_args, engine_args)
+        try:
+            self._llm = await asyncio.wait_for(asyncio.shield(build), self.start_timeout_s)
+        except BaseException:
+            # Timed out, cancelled or failed: the engine core must not outlive the attempt.
+            await self._abandon_start(build, before)
+            raise
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = int(self._llm.model_config.max_model_len)
+
+    async def _abandon_start(self, build: asyncio.Future[Any], before: set[int]) -> None:
+        """Kill the processes a failed start spawned, let the build unwind, free its thread."""
+        self._kill_new_children(before)
+        with contextlib.suppress(BaseException):
+            llm = await asyncio.wait_for(asyncio.shield(build), self.unwind_timeout_s)
+            # It finished after all (a race with the timeout): shut it down properly.
+            await asyncio.to_thread(llm.shutdown)
+        self._kill_new_children(before)
+        if self._owner is not None:
+            self._owner.shutdown(wait=False, cancel_futures=True)
+            self._owner = None
+
+    def _kill_new_children(self, before: set[int]) -> None:
+        for proc in multiprocessing.active_children():
+            if proc.pid is not None and proc.pid not in before:
+                log.warning(
+                    "%s: killing engine process %d of a failed start", self.engine_id, proc.pid
+                )
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    proc.kill()
+                proc.join(5)
+                self.killed_on_failed_start.append(proc.pid)
 
     def _require(self) -> Any:
         if self._llm is None:
@@ -190,7 +240,10 @@ class VllmEngine:
         except EngineDeadError as exc:
             raise EngineDead(f"engine {self.engine_id} died") from exc
         except EngineGenerateError as exc:
-            raise EngineDead(f"engine {self.engine_id} failed a request") from exc
+            # Recoverable in vLLM's terms: only a dead engine makes it fatal.
+            if self.errored:
+                raise EngineDead(f"engine {self.engine_id} died") from exc
+            raise GenerationFailed(f"engine {self.engine_id} failed a request") from exc
         except (VLLMClientError, ValueError) as exc:
             raise EngineRejected(str(exc)) from exc
         finally:
@@ -222,7 +275,14 @@ class VllmEngine:
                 handler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await handler
-            await asyncio.to_thread(llm.shutdown)
+            owner, self._owner = self._owner, None
+            if owner is None:
+                await asyncio.to_thread(llm.shutdown)
+                return
+            try:
+                await asyncio.get_running_loop().run_in_executor(owner, llm.shutdown)
+            finally:
+                owner.shutdown(wait=False)
 
 
 def _finish_kind(reason: str | None) -> FinishKind:

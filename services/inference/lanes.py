@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -12,6 +13,14 @@ from services.inference.config import LaneSpec
 from services.inference.engine import Engine
 from services.inference.prompt import PromptRenderer
 from shared.errors import ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+LaneStateSink = Callable[[str, bool, bool], Awaitable[None]]
+"""(lane name, lane serving?, any lane serving?) -> None: the health names follow the lanes."""
+
+EngineDeathHook = Callable[[str], None]
+"""(engine id) -> None: called once when an engine that served dies (the service exits)."""
 
 
 class LaneStatus(enum.Enum):
@@ -34,9 +43,7 @@ class Lane:
     def name(self) -> str:
         return self.spec.name
 
-    def check_serving(self) -> None:
-        if self.status is LaneStatus.SERVING and self.engine.errored:
-            self.status = LaneStatus.FAILED
+    def raise_unless_serving(self) -> None:
         if self.status is LaneStatus.STARTING:
             raise Unavailable(f"lane {self.name!r} is still starting", reason="LANE_STARTING")
         if self.status is LaneStatus.FAILED:
@@ -48,8 +55,8 @@ class Lane:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """Take one of the lane's slots or fail at once (no unbounded queue)."""
-        self.check_serving()
+        """Take one of the lane's slots or fail at once (no unbounded queue); the caller checked
+        that the lane serves (:meth:`LaneBoard.require_serving`)."""
         if self.in_flight >= self.spec.max_concurrency:
             raise ResourceExhausted(
                 f"lane {self.name!r} is at its concurrency cap ({self.spec.max_concurrency})",
@@ -64,3 +71,62 @@ class Lane:
         finally:
             self.in_flight -= 1
             self._avg_s = 0.8 * self._avg_s + 0.2 * (time.monotonic() - started)
+
+
+class LaneBoard:
+    """The one place lane state changes. Every change also reaches the health sink (the lane's
+    name and the service's overall status), so health never says SERVING over a dead engine,
+    whoever notices the death first: a request, the watch tick or a failed generation."""
+
+    def __init__(self, lanes: Mapping[str, Lane]) -> None:
+        self.lanes = lanes
+        self._sink: LaneStateSink | None = None
+        self._on_engine_death: EngineDeathHook | None = None
+        self.dead_engines: set[str] = set()
+
+    def bind(self, sink: LaneStateSink | None, on_engine_death: EngineDeathHook | None) -> None:
+        self._sink = sink
+        self._on_engine_death = on_engine_death
+
+    def any_serving(self) -> bool:
+        return any(lane.status is LaneStatus.SERVING for lane in self.lanes.values())
+
+    async def set_status(self, lane: Lane, status: LaneStatus) -> None:
+        lane.status = status
+        if self._sink is not None:
+            await self._sink(lane.name, status is LaneStatus.SERVING, self.any_serving())
+
+    async def engine_state(self, engine: Engine, status: LaneStatus) -> None:
+        """Every lane of ``engine`` to ``status`` (start results)."""
+        for lane in self.lanes.values():
+            if lane.engine is engine:
+                await self.set_status(lane, status)
+
+    async def engine_died(self, engine: Engine) -> None:
+        """Fail the engine's lanes (idempotent); the death hook runs once per engine."""
+        for lane in self.lanes.values():
+            if lane.engine is engine and lane.status is not LaneStatus.FAILED:
+                log.error("engine %s of lane %s died", engine.engine_id, lane.name)
+                await self.set_status(lane, LaneStatus.FAILED)
+        if engine.engine_id not in self.dead_engines:
+            self.dead_engines.add(engine.engine_id)
+            if self._on_engine_death is not None:
+                self._on_engine_death(engine.engine_id)
+
+    async def require_serving(self, lane: Lane) -> None:
+        """Raise UNAVAILABLE unless ``lane`` serves; a dead engine found here is recorded
+        (lanes and health) before the caller hears of it."""
+        if lane.status is LaneStatus.SERVING and lane.engine.errored:
+            await self.engine_died(lane.engine)
+        lane.raise_unless_serving()
+
+    async def sweep(self) -> None:
+        """The watch tick: record every engine that died while serving."""
+        engines = {id(lane.engine): lane.engine for lane in self.lanes.values()}
+        for engine in engines.values():
+            serving = any(
+                lane.engine is engine and lane.status is LaneStatus.SERVING
+                for lane in self.lanes.values()
+            )
+            if serving and engine.errored:
+                await self.engine_died(engine)

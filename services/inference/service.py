@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from services.inference.config import InferenceSettings, LanesConfig, apply_engine_environment
 from services.inference.core import InferenceCore
 from services.inference.engine import EngineFactory, vllm_engine_factory
-from services.inference.lanes import LaneStatus
+from services.inference.lanes import EngineDeathHook
 from services.inference.model_prep import resolve_model
 from shared.health import HealthReporter
 
@@ -76,8 +76,14 @@ class InferenceService:
         engine_factory: EngineFactory | None = None,
         device: str = "cpu",
         registry: CollectorRegistry | None = None,
+        on_engine_death: EngineDeathHook | None = None,
+        watch_interval_s: float = 1.0,
     ) -> None:
         self.settings = settings
+        # Called once per engine that dies after serving; `python -m services.inference` passes
+        # one that stops the process with a non-zero exit (its supervisor restarts it).
+        self._on_engine_death = on_engine_death
+        self._watch_interval_s = watch_interval_s
         self.lanes_config = lanes or settings.load_lanes()
         self._device = device
         if engine_factory is None:
@@ -108,23 +114,22 @@ class InferenceService:
         for lane in self.core.lanes:
             await health.set_not_serving(lane_health_name(lane))
 
-        async def on_state(lane: str, serving: bool) -> None:
+        async def on_state(lane: str, serving: bool, any_serving: bool) -> None:
             if serving:
                 await health.set_serving(lane_health_name(lane))
             else:
                 await health.set_not_serving(lane_health_name(lane))
             if self._warm:
                 # After warm-up the service as a whole serves while any lane does.
-                any_serving = any(
-                    lane.status is LaneStatus.SERVING for lane in self.core.lanes.values()
-                )
                 await health.set_all(["", *self.service_names], serving=any_serving)
 
         if self._real_engines:
             apply_engine_environment(self.settings, "gpu" if self._device == "gpu" else "cpu")
-        await self.core.start(on_state)
+        await self.core.start(on_state, self._on_engine_death)
         self._warm = True
-        self._watch_task = asyncio.create_task(self.core.watch(), name="inference-engine-watch")
+        self._watch_task = asyncio.create_task(
+            self.core.watch(self._watch_interval_s), name="inference-engine-watch"
+        )
 
     async def close(self) -> None:
         if self._watch_task is not None:

@@ -16,7 +16,7 @@ from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 
 from services.inference.config import InferenceSettings, LanesConfig
 from services.inference.dtype import DtypeChoice, MachineFacts, choose_dtype
-from services.inference.engine import Delta, EngineDead, GenParams
+from services.inference.engine import Delta, EngineDead, GenerationFailed, GenParams
 from services.inference.service import InferenceService
 from shared.server import GrpcServer
 
@@ -34,6 +34,8 @@ class FakeEngine:
     # Seconds between deltas (lets tests hold a request open).
     step_s: float = 0.0
     fail_start: bool = False
+    # The next this many generations fail as vLLM's recoverable EngineGenerateError does.
+    fail_generations: int = 0
     started: bool = False
     dead: bool = False
     live: set[str] = field(default_factory=set)
@@ -65,6 +67,9 @@ class FakeEngine:
     ) -> AsyncIterator[Delta]:
         if self.dead:
             raise EngineDead("fake engine is dead")
+        if self.fail_generations > 0:
+            self.fail_generations -= 1
+            raise GenerationFailed("fake generation failure")
         self.requests.append((prompt_token_ids, params))
         text = self.script(prompt_token_ids, params)
         limit = params.max_tokens
@@ -145,15 +150,17 @@ class Fake:
 
 
 async def start_fake(
-    factory: FakeEngineFactory, configure: Callable[[LanesConfig], None] | None = None
+    factory: FakeEngineFactory,
+    configure: Callable[[LanesConfig], None] | None = None,
+    **service_kwargs: Any,
 ) -> Fake:
     """The embedded preset's lanes on ``factory``'s engine; ``configure`` may edit the lanes
-    before the service is built."""
+    before the service is built; ``service_kwargs`` go to :class:`InferenceService`."""
     settings = InferenceSettings(port=0, metrics_port=0, grace_seconds=1)
     lanes = settings.load_lanes()
     if configure is not None:
         configure(lanes)
-    service = InferenceService(settings, lanes, engine_factory=factory)
+    service = InferenceService(settings, lanes, engine_factory=factory, **service_kwargs)
     server = GrpcServer(service, settings)
     await server.start()
     await server.wait_until_serving(10)
