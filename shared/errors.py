@@ -87,6 +87,28 @@ class ResourceExhausted(AgentmeshError):
         self.retry_after_s = retry_after_s
 
 
+class Aborted(AgentmeshError):
+    """A concurrency conflict (a lease held elsewhere, a fenced write); retry after the hint."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            reason=reason,
+            metadata={"retry_after_s": f"{retry_after_s:.3f}", **(metadata or {})},
+        )
+        self.retry_after_s = retry_after_s
+
+
 class Unavailable(AgentmeshError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
@@ -143,7 +165,7 @@ def to_rich_status(error: AgentmeshError) -> grpc.Status:
             )
         )
         details.append(bad)
-    if isinstance(error, ResourceExhausted):
+    if isinstance(error, ResourceExhausted | Aborted):
         retry = any_pb2.Any()
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after_s * 1000))

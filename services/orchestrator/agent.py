@@ -18,15 +18,23 @@ from services.orchestrator.loop.events import (
     ActionProposed,
     ActionResolved,
     MessagesCommitted,
+    TurnCompleted,
     TurnEvent,
+    TurnStarted,
 )
 from services.orchestrator.loop.policy import Caps, Ceilings
 from services.orchestrator.loop.ports import ToolsPort
 from services.orchestrator.loop.runner import TurnInput, TurnRunner
 from services.orchestrator.loop.types import Action, ActionState, ToolDef
-from services.orchestrator.sessions.base import SessionRecord, SessionState, SessionStore
+from services.orchestrator.sessions.base import (
+    SessionRecord,
+    SessionState,
+    SessionStore,
+    TurnRecord,
+)
+from services.orchestrator.sessions.turn_codec import decode_final, encode_final
 from shared.deadlines import Deadline
-from shared.errors import AgentmeshError, FailedPrecondition, InvalidArgument, NotFound
+from shared.errors import Aborted, AgentmeshError, FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger("agentmesh.orchestrator")
 
@@ -46,6 +54,7 @@ class Agent:
         *,
         ceilings: Ceilings | None = None,
         lease_margin_s: float = 30.0,
+        lease_ttl_s: float = 10.0,
         registry_timeout_s: float = 10.0,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
@@ -54,7 +63,11 @@ class Agent:
         self._tools = tools
         self._default_caps = default_caps
         self._ceilings = ceilings or Ceilings(caps=default_caps.model_copy())
+        # Unused since leases are short and renewed (kept for callers that still pass it).
         self._lease_margin_s = lease_margin_s
+        # The turn lease lives this long past its last heartbeat (one every third of it): a
+        # dead replica's session frees up within seconds, not the turn budget.
+        self._lease_ttl_s = lease_ttl_s
         self._registry_timeout_s = registry_timeout_s
         self._new_id = new_id
         self._registry: tuple[ToolDef, ...] | None = None
@@ -149,13 +162,23 @@ class Agent:
         confirm_action_id: str = "",
         reject_action_id: str = "",
         deadline: Deadline | None = None,
+        request_id: str = "",
     ) -> AsyncGenerator[TurnEvent, None]:
         """Runs one turn under the session's lease; persists each completed step as it
         happens and the counters (tool calls, time used) whatever way the turn ends.
 
         With ``confirm_action_id`` the turn executes exactly that stored action (once, however
-        often it is confirmed); with ``reject_action_id`` it declines it."""
+        often it is confirmed); with ``reject_action_id`` it declines it.
+
+        With ``request_id`` the turn is idempotent: a finished turn of that id replays its
+        TurnStarted and TurnCompleted; one still running elsewhere is ABORTED with a retry
+        hint; one whose replica died runs again as the same turn (same index; its partial
+        messages are replaced)."""
         _check_session_id(session_id)
+        if request_id and not _CLIENT_SESSION_ID.fullmatch(request_id):
+            raise InvalidArgument(
+                "request_id", "use 1-64 letters, digits, '-' or '_' (or leave it empty)"
+            )
         if lane and lane not in self._ceilings.forceable_lanes:
             raise InvalidArgument(
                 "lane",
@@ -178,18 +201,50 @@ class Agent:
                 "user_message", f"longer than {MAX_USER_MESSAGE_CHARS} characters"
             )
         record = await self.get_session(session_id)
+        prior = await self._store.get_turn(session_id, request_id) if request_id else None
+        if prior is not None and prior.finished:
+            for replayed in decode_final(prior.final_json):
+                yield replayed
+            return
         _check_active(record)
         owner = self._new_id()
-        ttl = record.caps.turn_budget_s + self._lease_margin_s
-        if not await self._store.acquire_lease(session_id, owner, ttl):
+        token = await self._store.acquire_lease(session_id, owner, self._lease_ttl_s)
+        if not token:
+            if request_id and await self._store.get_turn(session_id, request_id) is not None:
+                raise Aborted(
+                    "this turn is still running on another replica; retry",
+                    retry_after_s=self._lease_ttl_s,
+                    reason="TURN_RUNNING",
+                    metadata={"session_id": session_id, "request_id": request_id},
+                )
             raise FailedPrecondition(
                 "a turn is already in flight for this session",
                 reason="TURN_IN_FLIGHT",
                 metadata={"session_id": session_id},
             )
+        heartbeat = asyncio.create_task(
+            self._heartbeat(session_id, owner, token), name=f"lease-{session_id}"
+        )
         started = time.monotonic()
         counters = _Counters()
+        counters.token = token
         try:
+            prior = await self._store.get_turn(session_id, request_id) if request_id else None
+            if prior is not None and prior.finished:  # finished while we waited for the lease
+                for replayed in decode_final(prior.final_json):
+                    yield replayed
+                return
+            if prior is not None:
+                # A dead attempt of this very turn: it runs again in its place.
+                dropped = await self._store.discard_turn_messages(
+                    session_id, prior.turn_index, token=token
+                )
+                log.info(
+                    "turn %s of session %s runs again (%d partial messages replaced)",
+                    request_id,
+                    session_id,
+                    dropped,
+                )
             record = await self.get_session(session_id)  # fresh: another replica may have run
             _check_active(record)
             try:
@@ -198,14 +253,16 @@ class Agent:
                 log.warning("tool registry unavailable; the turn runs without tools")
                 registry = ()
             action = (
-                await self._action_for_turn(record, confirm_action_id, reject_action_id)
+                await self._action_for_turn(
+                    record, confirm_action_id, reject_action_id, token=token
+                )
                 if action_id
                 else None
             )
             if action is not None and not user_message.strip():
                 verb = "Confirmed" if confirm_action_id else "Rejected"
                 user_message = f"{verb}: {action.summary}"
-            counters.turn_count = record.turn_count + 1
+            counters.turn_count = prior.turn_index if prior else record.turn_count + 1
             counters.task_tool_calls = record.task_tool_calls
             counters.base_time = record.task_time_used_s
             await self._store.update_counters(
@@ -213,8 +270,14 @@ class Agent:
                 turn_count=counters.turn_count,
                 task_tool_calls=counters.task_tool_calls,
                 task_time_used_s=counters.base_time,
+                token=token,
             )
             counters.dirty = True
+            if request_id and prior is None:
+                await self._store.put_turn(
+                    TurnRecord(session_id, request_id, counters.turn_count, ""), token=token
+                )
+            turn_started: TurnStarted | None = None
             inp = TurnInput(
                 session_id=session_id,
                 turn_index=counters.turn_count,
@@ -236,15 +299,17 @@ class Agent:
                 turn = self._runner.run(inp)
             async with aclosing(turn) as events:
                 async for event in events:
-                    if isinstance(event, MessagesCommitted):
+                    if isinstance(event, TurnStarted):
+                        turn_started = event
+                    elif isinstance(event, MessagesCommitted):
                         await self._store.append_messages(
-                            session_id, counters.turn_count, event.messages
+                            session_id, counters.turn_count, event.messages, token=token
                         )
                         if event.tool_calls_executed:
                             counters.task_tool_calls += event.tool_calls_executed
                             await self._save(session_id, counters, started)
                     elif isinstance(event, ActionProposed):
-                        await self._store.add_action(event.action)
+                        await self._store.add_action(event.action, token=token)
                     elif (
                         isinstance(event, ActionResolved)
                         and action is not None
@@ -255,13 +320,45 @@ class Agent:
                             action.action_id,
                             expected=[ActionState.EXECUTING],
                             new=event.action,
+                            token=token,
+                        )
+                    elif isinstance(event, TurnCompleted) and request_id:
+                        # Recorded before the caller sees it: a retry from here on replays.
+                        begun = turn_started or TurnStarted(event.turn_id, counters.turn_count)
+                        await self._store.put_turn(
+                            TurnRecord(
+                                session_id,
+                                request_id,
+                                counters.turn_count,
+                                event.turn_id,
+                                finished=True,
+                                final_json=encode_final(begun, event),
+                            ),
+                            token=token,
                         )
                     yield event
         finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
             await _shielded(self._finish(session_id, owner, counters, started))
 
+    async def _heartbeat(self, session_id: str, owner: str, token: int) -> None:
+        """Renews the turn lease every third of its ttl until cancelled or lost."""
+        while True:
+            await asyncio.sleep(self._lease_ttl_s / 3)
+            try:
+                renewed = await self._store.renew_lease(session_id, owner, token, self._lease_ttl_s)
+            except Exception:
+                log.warning("could not renew the lease of session %s", session_id, exc_info=True)
+                continue
+            if not renewed:
+                # Another holder took the session: our next fenced write fails (LEASE_LOST).
+                log.warning("session %s: the turn lost its lease", session_id)
+                return
+
     async def _action_for_turn(
-        self, record: SessionRecord, confirm_id: str, reject_id: str
+        self, record: SessionRecord, confirm_id: str, reject_id: str, *, token: int = 0
     ) -> Action:
         """The action a confirming / rejecting turn acts on, moved to its next state:
         confirm: PENDING -> EXECUTING (an EXECUTING one is resumed, an EXECUTED one replayed);
@@ -275,7 +372,11 @@ class Agent:
         if action.state is ActionState.PENDING and action.expires_at <= now:
             expired = dataclasses.replace(action, state=ActionState.EXPIRED, resolved_at=now)
             await self._store.transition_action(
-                record.session_id, action_id, expected=[ActionState.PENDING], new=expired
+                record.session_id,
+                action_id,
+                expected=[ActionState.PENDING],
+                new=expired,
+                token=token,
             )
             raise FailedPrecondition(
                 "the action expired; ask for it again", reason="ACTION_EXPIRED"
@@ -304,7 +405,7 @@ class Agent:
                 )
             new = dataclasses.replace(action, state=ActionState.REJECTED, resolved_at=now)
         stored = await self._store.transition_action(
-            record.session_id, action_id, expected=[ActionState.PENDING], new=new
+            record.session_id, action_id, expected=[ActionState.PENDING], new=new, token=token
         )
         if stored is None:
             raise NotFound("no such action in this session", metadata={field: action_id})
@@ -316,6 +417,7 @@ class Agent:
             turn_count=counters.turn_count,
             task_tool_calls=counters.task_tool_calls,
             task_time_used_s=counters.base_time + (time.monotonic() - started),
+            token=counters.token,
         )
 
     async def _finish(
@@ -334,6 +436,7 @@ class _Counters:
         self.task_tool_calls = 0
         self.base_time = 0.0
         self.dirty = False
+        self.token = 0
 
 
 async def _shielded(coro: Any) -> None:

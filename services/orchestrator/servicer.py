@@ -259,6 +259,7 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):  # type: ignore
             confirm_action_id=request.confirm_action_id,
             reject_action_id=request.reject_action_id,
             deadline=current_deadline(),
+            request_id=request.request_id,
         )
         async with aclosing(turn) as events:
             async for event in events:

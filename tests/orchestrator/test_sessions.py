@@ -10,7 +10,13 @@ import pytest
 
 from services.orchestrator.loop.policy import Caps
 from services.orchestrator.loop.types import Action, ActionState, Message, Role, ToolCall
-from services.orchestrator.sessions.base import SessionRecord, SessionState, SessionStore
+from services.orchestrator.sessions.base import (
+    LeaseLost,
+    SessionRecord,
+    SessionState,
+    SessionStore,
+    TurnRecord,
+)
 from services.orchestrator.sessions.factory import store_from_url
 from services.orchestrator.sessions.redis_store import RedisSessionStore
 from services.orchestrator.sessions.sql import SqlSessionStore
@@ -442,3 +448,120 @@ async def test_sqlite_concurrent_writers_from_two_stores_all_succeed(
         assert sorted(m.content for m in got.messages) == sorted(f"m{i}" for i in range(20))
     finally:
         await other.close()
+
+
+# ---- fencing tokens and turn records ----------------------------------------------------------
+
+
+async def test_each_acquisition_gets_a_larger_fencing_token(store: SessionStore) -> None:
+    await store.create(record())
+    first = await store.acquire_lease("sess-1", "a", 30)
+    assert first > 0
+    assert await store.acquire_lease("sess-1", "b", 30) == 0  # held: no token
+    await store.release_lease("sess-1", "a")
+    second = await store.acquire_lease("sess-1", "b", 30)
+    assert second > first
+
+
+async def test_a_stale_holders_writes_are_rejected_and_change_nothing(store: SessionStore) -> None:
+    await store.create(record())
+    stale = await store.acquire_lease("sess-1", "stalled-replica", 0.05)
+    await store.append_messages("sess-1", 1, [Message(Role.USER, "mine")], token=stale)
+    # The stalled holder's lease lapses and another turn takes the session.
+    await asyncio.sleep(0.1)
+    fresh = await store.acquire_lease("sess-1", "live-replica", 30)
+    assert fresh > stale
+    action = Action(
+        action_id="act-fence",
+        session_id="sess-1",
+        tool="billing_refund",
+        arguments_json="{}",
+        summary="refund",
+        amount_cents=100,
+        currency="USD",
+        state=ActionState.PENDING,
+        turn_index=1,
+        created_at=1.0,
+        expires_at=2e9,
+    )
+    with pytest.raises(LeaseLost):
+        await store.append_messages("sess-1", 1, [Message(Role.USER, "late")], token=stale)
+    with pytest.raises(LeaseLost):
+        await store.update_counters(
+            "sess-1", turn_count=9, task_tool_calls=9, task_time_used_s=9.0, token=stale
+        )
+    with pytest.raises(LeaseLost):
+        await store.add_action(action, token=stale)
+    with pytest.raises(LeaseLost):
+        await store.put_turn(TurnRecord("sess-1", "req-1", 1, "t1"), token=stale)
+    with pytest.raises(LeaseLost):
+        await store.discard_turn_messages("sess-1", 1, token=stale)
+    assert not await store.renew_lease("sess-1", "stalled-replica", stale, 30)
+    got = await store.get("sess-1")
+    assert got is not None
+    assert [m.content for m in got.messages] == ["mine"]
+    assert got.turn_count == 0 and got.actions == []
+    assert await store.get_turn("sess-1", "req-1") is None
+    # The current holder writes fine, transitions included.
+    await store.add_action(action, token=fresh)
+    moved = await store.transition_action(
+        "sess-1",
+        "act-fence",
+        expected=[ActionState.PENDING],
+        new=dataclasses.replace(action, state=ActionState.REJECTED),
+        token=fresh,
+    )
+    assert moved is not None and moved.state is ActionState.REJECTED
+    with pytest.raises(LeaseLost):
+        await store.transition_action(
+            "sess-1",
+            "act-fence",
+            expected=[ActionState.REJECTED],
+            new=dataclasses.replace(action, state=ActionState.EXPIRED),
+            token=stale,
+        )
+    await store.update_counters(
+        "sess-1", turn_count=1, task_tool_calls=0, task_time_used_s=0.5, token=fresh
+    )
+
+
+async def test_renewal_keeps_the_lease_and_a_lapsed_one_is_taken_back(store: SessionStore) -> None:
+    await store.create(record())
+    token = await store.acquire_lease("sess-1", "a", 0.05)
+    assert await store.renew_lease("sess-1", "a", token, 30)
+    await asyncio.sleep(0.1)  # past the first ttl: the renewal is what holds it now
+    assert await store.acquire_lease("sess-1", "b", 30) == 0
+    await store.release_lease("sess-1", "a")
+    # Released and nobody took it: the same token renews (the heartbeat after a hiccup)...
+    assert await store.renew_lease("sess-1", "a", token, 30)
+    assert await store.acquire_lease("sess-1", "b", 30) == 0
+    await store.release_lease("sess-1", "a")
+    newer = await store.acquire_lease("sess-1", "b", 30)
+    # ... but once another holder acquired, the old token never comes back.
+    assert not await store.renew_lease("sess-1", "a", token, 30)
+    assert newer > token
+
+
+async def test_turn_records_round_trip_and_discard_drops_one_turns_messages(
+    store: SessionStore,
+) -> None:
+    await store.create(record())
+    token = await store.acquire_lease("sess-1", "a", 30)
+    await store.append_messages("sess-1", 1, [Message(Role.USER, "one")], token=token)
+    await store.append_messages("sess-1", 2, [Message(Role.USER, "two")], token=token)
+    await store.append_messages("sess-1", 2, [Message(Role.ASSISTANT, "two-a")], token=token)
+    await store.put_turn(TurnRecord("sess-1", "req-2", 2, "turn-2"), token=token)
+    running = await store.get_turn("sess-1", "req-2")
+    assert running is not None
+    assert (running.turn_index, running.turn_id, running.finished) == (2, "turn-2", False)
+    assert await store.discard_turn_messages("sess-1", 2, token=token) == 2
+    done = TurnRecord("sess-1", "req-2", 2, "turn-2", finished=True, final_json='{"x":1}')
+    await store.put_turn(done, token=token)
+    again = await store.get_turn("sess-1", "req-2")
+    assert again is not None and again.finished and again.final_json == '{"x":1}'
+    assert await store.get_turn("sess-1", "req-other") is None
+    got = await store.get("sess-1")
+    assert got is not None and [m.content for m in got.messages] == ["one"]
+    await store.append_messages("sess-1", 2, [Message(Role.USER, "two again")], token=token)
+    got = await store.get("sess-1")
+    assert got is not None and [m.content for m in got.messages] == ["one", "two again"]

@@ -44,3 +44,24 @@ for i = 3, #ARGV do
 end
 return current
 """
+
+# KEYS[1] the lease, KEYS[2] the session's fencing token. ARGV[1] owner, ARGV[2] ttl in ms.
+# Takes the lease unless another owner holds it; returns the new token (0: held elsewhere).
+ACQUIRE_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return token
+"""
+
+# KEYS[1] the lease, KEYS[2] the fencing token. ARGV[1] owner, ARGV[2] token, ARGV[3] ttl ms.
+# Extends the lease if the owner's token is still the current one (a lapsed lease that nobody
+# took since is taken back); 0 when it was lost.
+RENEW_LEASE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""

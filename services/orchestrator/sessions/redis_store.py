@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
 from services.orchestrator.loop.policy import Caps
 from services.orchestrator.loop.types import Action, ActionState, Message
 from services.orchestrator.sessions import redis_scripts
 from services.orchestrator.sessions.action_rules import check_replacement
-from services.orchestrator.sessions.base import SessionRecord, SessionState
+from services.orchestrator.sessions.base import (
+    UNFENCED,
+    LeaseLost,
+    SessionRecord,
+    SessionState,
+    TurnRecord,
+)
 from shared.errors import AlreadyExists, NotFound
 
 
@@ -39,6 +47,33 @@ class RedisSessionStore:
 
     def _action_id_key(self, action_id: str) -> str:
         return f"{self._prefix}action:{action_id}"
+
+    async def _fenced(
+        self,
+        session_id: str,
+        token: int,
+        queue: Callable[[Any], None],
+        watch: Sequence[str] = (),
+        before: Callable[[Any], Any] | None = None,
+    ) -> list[Any]:
+        """Runs the commands ``queue`` adds in one MULTI/EXEC. With a token, the transaction
+        WATCHes the session's fencing token (and ``watch``) and runs only if the token is
+        still ``token``: a newer lease holder in between makes it LeaseLost. ``before`` may
+        read the watched keys (immediate mode) before the transaction starts."""
+        token_key = self._key(session_id, "lease_token")
+        async with self.client.pipeline(transaction=True) as pipe:
+            if token != UNFENCED or watch:
+                await pipe.watch(token_key, *watch)
+                if token != UNFENCED and await pipe.get(token_key) != str(token):
+                    raise LeaseLost(session_id)
+                if before is not None:
+                    await before(pipe)
+                pipe.multi()  # type: ignore[no-untyped-call]
+            queue(pipe)
+            try:
+                return list(await pipe.execute())
+            except WatchError:
+                raise LeaseLost(session_id) from None
 
     async def open(self) -> None:
         self._client = aioredis.from_url(self._url, decode_responses=True)
@@ -100,7 +135,12 @@ class RedisSessionStore:
         )
 
     async def append_messages(
-        self, session_id: str, turn_index: int, messages: Sequence[Message]
+        self,
+        session_id: str,
+        turn_index: int,
+        messages: Sequence[Message],
+        *,
+        token: int = UNFENCED,
     ) -> None:
         if not messages:
             return
@@ -108,10 +148,12 @@ class RedisSessionStore:
             json.dumps({**m.to_dict(), "turn_index": turn_index}, separators=(",", ":"))
             for m in messages
         ]
-        async with self.client.pipeline(transaction=True) as pipe:
+
+        def queue(pipe: Any) -> None:
             pipe.rpush(self._key(session_id, "messages"), *encoded)
             pipe.hset(self._key(session_id), "updated_at", repr(time.time()))
-            await pipe.execute()
+
+        await self._fenced(session_id, token, queue)
 
     async def update_counters(
         self,
@@ -120,15 +162,16 @@ class RedisSessionStore:
         turn_count: int,
         task_tool_calls: int,
         task_time_used_s: float,
+        token: int = UNFENCED,
     ) -> None:
-        await self.client.hset(  # type: ignore[misc]
-            self._key(session_id),
-            mapping={
-                "turn_count": turn_count,
-                "task_tool_calls": task_tool_calls,
-                "task_time_used_s": repr(task_time_used_s),
-                "updated_at": repr(time.time()),
-            },
+        mapping = {
+            "turn_count": turn_count,
+            "task_tool_calls": task_tool_calls,
+            "task_time_used_s": repr(task_time_used_s),
+            "updated_at": repr(time.time()),
+        }
+        await self._fenced(
+            session_id, token, lambda pipe: pipe.hset(self._key(session_id), mapping=mapping)
         )
 
     async def end(self, session_id: str) -> bool:
@@ -140,30 +183,50 @@ class RedisSessionStore:
         )
         return True
 
-    async def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> bool:
-        key = self._key(session_id, "lease")
-        acquired = await self.client.set(key, owner, nx=True, px=max(1, int(ttl_s * 1000)))
-        if acquired:
-            return True
-        return bool(await self.client.get(key) == owner)
+    async def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> int:
+        token = await self.client.eval(  # type: ignore[misc]
+            redis_scripts.ACQUIRE_LEASE,
+            2,
+            self._key(session_id, "lease"),
+            self._key(session_id, "lease_token"),
+            owner,
+            str(max(1, int(ttl_s * 1000))),
+        )
+        return int(token)
+
+    async def renew_lease(self, session_id: str, owner: str, token: int, ttl_s: float) -> bool:
+        renewed = await self.client.eval(  # type: ignore[misc]
+            redis_scripts.RENEW_LEASE,
+            2,
+            self._key(session_id, "lease"),
+            self._key(session_id, "lease_token"),
+            owner,
+            str(token),
+            str(max(1, int(ttl_s * 1000))),
+        )
+        return bool(int(renewed))
 
     async def release_lease(self, session_id: str, owner: str) -> None:
         await self.client.eval(
             redis_scripts.RELEASE_LEASE, 1, self._key(session_id, "lease"), owner
         )  # type: ignore[misc]
 
-    async def add_action(self, action: Action) -> None:
+    async def add_action(self, action: Action, *, token: int = UNFENCED) -> None:
         sid, aid = action.session_id, action.action_id
-        outcome = await self.client.eval(  # type: ignore[misc]
-            redis_scripts.ADD_ACTION,
-            4,
-            self._key(sid),
-            self._action_id_key(aid),
-            self._key(sid, "actions"),
-            self._key(sid, "action_ids"),
-            aid,
+        (outcome,) = await self._fenced(
             sid,
-            encode_action(action),
+            token,
+            lambda pipe: pipe.eval(
+                redis_scripts.ADD_ACTION,
+                4,
+                self._key(sid),
+                self._action_id_key(aid),
+                self._key(sid, "actions"),
+                self._key(sid, "action_ids"),
+                aid,
+                sid,
+                encode_action(action),
+            ),
         )
         if int(outcome) < 0:
             raise NotFound("no session with this id", metadata={"session_id": sid})
@@ -181,17 +244,64 @@ class RedisSessionStore:
         *,
         expected: Sequence[ActionState],
         new: Action,
+        token: int = UNFENCED,
     ) -> Action | None:
         check_replacement(session_id, action_id, new)
-        raw = await self.client.eval(  # type: ignore[misc]
-            redis_scripts.TRANSITION_ACTION,
-            1,
-            self._key(session_id, "actions"),
-            action_id,
-            encode_action(new),
-            *(state.value for state in expected),
+        (raw,) = await self._fenced(
+            session_id,
+            token,
+            lambda pipe: pipe.eval(
+                redis_scripts.TRANSITION_ACTION,
+                1,
+                self._key(session_id, "actions"),
+                action_id,
+                encode_action(new),
+                *(state.value for state in expected),
+            ),
         )
         return None if raw is None else Action.from_dict(json.loads(raw))
+
+    async def get_turn(self, session_id: str, request_id: str) -> TurnRecord | None:
+        raw = await self.client.hget(self._key(session_id, "turns"), request_id)  # type: ignore[misc]
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return TurnRecord(session_id=session_id, request_id=request_id, **data)
+
+    async def put_turn(self, turn: TurnRecord, *, token: int) -> None:
+        data = {
+            "turn_index": turn.turn_index,
+            "turn_id": turn.turn_id,
+            "finished": turn.finished,
+            "final_json": turn.final_json,
+            "updated_at": time.time(),
+        }
+        key = self._key(turn.session_id, "turns")
+        encoded = json.dumps(data, separators=(",", ":"))
+        await self._fenced(
+            turn.session_id, token, lambda pipe: pipe.hset(key, turn.request_id, encoded)
+        )
+
+    async def discard_turn_messages(self, session_id: str, turn_index: int, *, token: int) -> int:
+        key = self._key(session_id, "messages")
+        kept: list[str] = []
+        dropped = 0
+
+        async def read(pipe: Any) -> None:
+            nonlocal dropped
+            for raw in await pipe.lrange(key, 0, -1):
+                if json.loads(raw).get("turn_index") == turn_index:
+                    dropped += 1
+                else:
+                    kept.append(raw)
+
+        def queue(pipe: Any) -> None:
+            pipe.delete(key)
+            if kept:
+                pipe.rpush(key, *kept)
+
+        await self._fenced(session_id, token, queue, watch=[key], before=read)
+        return dropped
 
 
 def encode_action(action: Action) -> str:

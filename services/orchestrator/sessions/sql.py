@@ -11,15 +11,22 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, inspect, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from services.orchestrator.loop.policy import Caps
 from services.orchestrator.loop.types import Action, ActionState, Message
 from services.orchestrator.sessions.action_rules import check_replacement
-from services.orchestrator.sessions.base import SessionRecord, SessionState
+from services.orchestrator.sessions.base import (
+    UNFENCED,
+    LeaseLost,
+    SessionRecord,
+    SessionState,
+    TurnRecord,
+)
 from services.orchestrator.sessions.sql_schema import (
     action_from_row,
     action_values,
@@ -45,6 +52,7 @@ class SqlSessionStore:
         self.sessions = tables.sessions
         self.messages = tables.messages
         self.actions = tables.actions
+        self.turns = tables.turns
 
     @property
     def engine(self) -> AsyncEngine:
@@ -70,6 +78,34 @@ class SqlSessionStore:
         except IntegrityError:
             # Another replica created them at the same moment (PostgreSQL catalog race).
             pass
+        async with self._writer.begin() as conn:
+            await conn.run_sync(self._add_lease_token)
+
+    def _add_lease_token(self, sync_conn: Any) -> None:
+        """Sessions tables made before fencing lack ``lease_token``: add it in place."""
+        columns = {c["name"] for c in inspect(sync_conn).get_columns(self.sessions.name)}
+        if "lease_token" not in columns:
+            sync_conn.execute(
+                text(
+                    f"ALTER TABLE {self.sessions.name} "
+                    "ADD COLUMN lease_token BIGINT NOT NULL DEFAULT 0"
+                )
+            )
+
+    async def _fence(self, conn: AsyncConnection, session_id: str, token: int) -> None:
+        """Inside a write transaction: LeaseLost unless ``token`` is the session's current
+        one. The UPDATE takes the row's lock (PostgreSQL; SQLite's BEGIN IMMEDIATE already
+        serialises writers), so no acquisition can slip in before this transaction commits."""
+        if token == UNFENCED:
+            return
+        c = self.sessions.c
+        result = await conn.execute(
+            update(self.sessions)
+            .where(and_(c.session_id == session_id, c.lease_token == token))
+            .values(updated_at=time.time())
+        )
+        if not result.rowcount:
+            raise LeaseLost(session_id)
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -150,12 +186,18 @@ class SqlSessionStore:
         return [action_from_row(r) for r in rows]
 
     async def append_messages(
-        self, session_id: str, turn_index: int, messages: Sequence[Message]
+        self,
+        session_id: str,
+        turn_index: int,
+        messages: Sequence[Message],
+        *,
+        token: int = UNFENCED,
     ) -> None:
         if not messages:
             return
         now = time.time()
         async with self._write.begin() as conn:
+            await self._fence(conn, session_id, token)
             last = (
                 await conn.execute(
                     select(func.max(self.messages.c.seq)).where(
@@ -190,8 +232,10 @@ class SqlSessionStore:
         turn_count: int,
         task_tool_calls: int,
         task_time_used_s: float,
+        token: int = UNFENCED,
     ) -> None:
         async with self._write.begin() as conn:
+            await self._fence(conn, session_id, token)
             await conn.execute(
                 update(self.sessions)
                 .where(self.sessions.c.session_id == session_id)
@@ -212,7 +256,7 @@ class SqlSessionStore:
             )
         return bool(result.rowcount)
 
-    async def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> bool:
+    async def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> int:
         now = time.time()
         c = self.sessions.c
         async with self._write.begin() as conn:
@@ -228,7 +272,32 @@ class SqlSessionStore:
                         ),
                     )
                 )
-                .values(lease_owner=owner, lease_expires_at=now + ttl_s)
+                .values(
+                    lease_owner=owner,
+                    lease_expires_at=now + ttl_s,
+                    lease_token=c.lease_token + 1,
+                )
+            )
+            if not result.rowcount:
+                return 0
+            token = (
+                await conn.execute(select(c.lease_token).where(c.session_id == session_id))
+            ).scalar_one()
+        return int(token)
+
+    async def renew_lease(self, session_id: str, owner: str, token: int, ttl_s: float) -> bool:
+        c = self.sessions.c
+        async with self._write.begin() as conn:
+            result = await conn.execute(
+                update(self.sessions)
+                .where(
+                    and_(
+                        c.session_id == session_id,
+                        c.lease_token == token,
+                        or_(c.lease_owner == owner, c.lease_owner.is_(None)),
+                    )
+                )
+                .values(lease_owner=owner, lease_expires_at=time.time() + ttl_s)
             )
         return bool(result.rowcount)
 
@@ -241,9 +310,10 @@ class SqlSessionStore:
                 .values(lease_owner=None, lease_expires_at=None)
             )
 
-    async def add_action(self, action: Action) -> None:
+    async def add_action(self, action: Action, *, token: int = UNFENCED) -> None:
         try:
             async with self._write.begin() as conn:
+                await self._fence(conn, action.session_id, token)
                 known = (
                     await conn.execute(
                         select(self.sessions.c.session_id).where(
@@ -285,10 +355,12 @@ class SqlSessionStore:
         *,
         expected: Sequence[ActionState],
         new: Action,
+        token: int = UNFENCED,
     ) -> Action | None:
         check_replacement(session_id, action_id, new)
         c = self.actions.c
         async with self._write.begin() as conn:
+            await self._fence(conn, session_id, token)
             if expected:
                 # The WHERE on state is the compare-and-set: a concurrent writer that got
                 # there first has changed the state, so this UPDATE matches no row
@@ -306,3 +378,57 @@ class SqlSessionStore:
                     .values(**action_values(new))
                 )
             return await self._action(conn, session_id, action_id)
+
+    async def get_turn(self, session_id: str, request_id: str) -> TurnRecord | None:
+        c = self.turns.c
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(self.turns).where(
+                        and_(c.session_id == session_id, c.request_id == request_id)
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        return TurnRecord(
+            session_id=row.session_id,
+            request_id=row.request_id,
+            turn_index=int(row.turn_index),
+            turn_id=row.turn_id,
+            finished=bool(row.finished),
+            final_json=row.final_json,
+            updated_at=float(row.updated_at),
+        )
+
+    async def put_turn(self, turn: TurnRecord, *, token: int) -> None:
+        c = self.turns.c
+        async with self._write.begin() as conn:
+            await self._fence(conn, turn.session_id, token)
+            await conn.execute(
+                delete(self.turns).where(
+                    and_(c.session_id == turn.session_id, c.request_id == turn.request_id)
+                )
+            )
+            await conn.execute(
+                insert(self.turns).values(
+                    session_id=turn.session_id,
+                    request_id=turn.request_id,
+                    turn_index=turn.turn_index,
+                    turn_id=turn.turn_id,
+                    finished=int(turn.finished),
+                    final_json=turn.final_json,
+                    updated_at=time.time(),
+                )
+            )
+
+    async def discard_turn_messages(self, session_id: str, turn_index: int, *, token: int) -> int:
+        c = self.messages.c
+        async with self._write.begin() as conn:
+            await self._fence(conn, session_id, token)
+            result = await conn.execute(
+                delete(self.messages).where(
+                    and_(c.session_id == session_id, c.turn_index == turn_index)
+                )
+            )
+        return int(result.rowcount or 0)

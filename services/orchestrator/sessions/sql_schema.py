@@ -27,6 +27,7 @@ class SessionTables:
     sessions: Table
     messages: Table
     actions: Table
+    turns: Table
 
 
 def session_tables(prefix: str) -> SessionTables:
@@ -46,6 +47,8 @@ def session_tables(prefix: str) -> SessionTables:
         Column("metadata_json", Text, nullable=False, default="{}"),
         Column("lease_owner", String(64), nullable=True),
         Column("lease_expires_at", Float, nullable=True),
+        # The fencing token of the latest lease acquisition (see sessions.base).
+        Column("lease_token", BigInteger, nullable=False, default=0, server_default="0"),
     )
     messages = Table(
         f"{prefix}messages",
@@ -79,7 +82,22 @@ def session_tables(prefix: str) -> SessionTables:
         Column("error_message", Text, nullable=False),
     )
     Index(f"ix_{prefix}actions_session", actions.c.session_id, actions.c.created_at)
-    return SessionTables(meta=meta, sessions=sessions, messages=messages, actions=actions)
+    # Turns run under a caller's request id: the final event a retry replays.
+    turns = Table(
+        f"{prefix}turns",
+        meta,
+        Column("session_id", String(64), nullable=False),
+        Column("request_id", String(64), nullable=False),
+        Column("turn_index", Integer, nullable=False),
+        Column("turn_id", String(64), nullable=False),
+        Column("finished", Integer, nullable=False, default=0),
+        Column("final_json", Text, nullable=False, default=""),
+        Column("updated_at", Float, nullable=False),
+        PrimaryKeyConstraint("session_id", "request_id"),
+    )
+    return SessionTables(
+        meta=meta, sessions=sessions, messages=messages, actions=actions, turns=turns
+    )
 
 
 def action_values(action: Action) -> dict[str, Any]:
