@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import jsonschema
 from agentmesh.common.v1 import common_pb2
 from agentmesh.inference.v1 import inference_pb2 as pb
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from services.inference.config import InferenceSettings, LanesConfig, StageName, ToolCallFormat
 from services.inference.continue_answer import ContinueOrAnswer, continue_or_answer
@@ -36,7 +36,15 @@ from services.inference.engine import (
     GenerationFailed,
 )
 from services.inference.engine import GenParams as GenParams
-from services.inference.lanes import EngineDeathHook, Lane, LaneBoard, LaneStateSink, LaneStatus
+from services.inference.lanes import (
+    EngineDeathHook,
+    Lane,
+    LaneBoard,
+    LaneStateSink,
+    LaneStatus,
+    SequenceBudget,
+    engine_sequence_cap,
+)
 from services.inference.prompt import PromptRenderer, ToolDef, messages_to_dicts, parse_tools
 from services.inference.results import FINISH, GenResult, Metrics, duration, emitted
 from services.inference.router import LaneRouter, RouteChoice
@@ -99,6 +107,8 @@ class InferenceCore:
         self._cpu = ThreadPoolExecutor(
             max_workers=settings.tokenize_threads, thread_name_prefix="inference-tokenize"
         )
+        # One sequence budget per engine, shared by its lanes (admission counts sequences).
+        self.budgets: dict[str, SequenceBudget] = {}
         keys: dict[str, str] = {}
         for spec in lanes_config.hosted():
             key = spec.engine_key()
@@ -106,11 +116,44 @@ class InferenceCore:
                 engine_id = f"engine-{len(keys)}"
                 keys[key] = engine_id
                 self.engines[engine_id] = engine_factory(engine_id, spec.model, spec.engine_args)
+                self.budgets[engine_id] = SequenceBudget(
+                    engine_id, engine_sequence_cap(spec.engine_args)
+                )
             engine = self.engines[keys[key]]
             self.lanes[spec.name] = Lane(
-                spec, engine, PromptRenderer(spec.template_path(), spec.few_shot)
+                spec,
+                engine,
+                PromptRenderer(spec.template_path(), spec.few_shot),
+                self.budgets[keys[key]],
             )
         self.board = LaneBoard(self.lanes)
+        self._engine_gauges(self.metrics.registry)
+
+    def _engine_gauges(self, registry: CollectorRegistry) -> None:
+        """Per engine: sequences reserved by admission and requests vLLM still tracks."""
+        in_use = Gauge(
+            "agentmesh_inference_engine_sequences_in_use",
+            "Sequences admitted and not finished, per engine (never above its budget).",
+            ["engine"],
+            registry=registry,
+        )
+        budget = Gauge(
+            "agentmesh_inference_engine_sequence_budget",
+            "The engine's sequence budget (its max_num_seqs).",
+            ["engine"],
+            registry=registry,
+        )
+        unfinished = Gauge(
+            "agentmesh_inference_engine_unfinished_requests",
+            "Requests the engine itself still tracks (0 when idle).",
+            ["engine"],
+            registry=registry,
+        )
+        for engine_id, engine in self.engines.items():
+            seqs = self.budgets[engine_id]
+            in_use.labels(engine_id).set_function(functools.partial(_in_use, seqs))
+            budget.labels(engine_id).set_function(functools.partial(_capacity, seqs))
+            unfinished.labels(engine_id).set_function(functools.partial(_unfinished, engine))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -130,8 +173,17 @@ class InferenceCore:
                 log.exception("%s failed to start; lanes %s stay NOT_SERVING", engine_id, names)
                 await self.board.engine_state(engine, LaneStatus.FAILED)
                 continue
+            budget = self.budgets[engine_id]
+            cap = getattr(engine, "max_num_seqs", None)
+            if isinstance(cap, int) and cap > 0:
+                budget.capacity = cap  # what the scheduler really runs at once
             await self.board.engine_state(engine, LaneStatus.SERVING)
-            log.info("%s ready (max_model_len %d)", engine_id, engine.max_model_len)
+            log.info(
+                "%s ready (max_model_len %d, %d sequences shared by its lanes)",
+                engine_id,
+                engine.max_model_len,
+                budget.capacity,
+            )
         if not self.board.any_serving():
             raise RuntimeError("no lane could start; see the errors above")
 
@@ -327,11 +379,16 @@ class InferenceCore:
             self.metrics.calls.labels(lane.name, "ok" if call.ok else "failed").inc()
 
     @contextlib.asynccontextmanager
-    async def _slot(self, lane: Lane) -> AsyncIterator[None]:
+    async def _slot(self, lane: Lane, sequences: int = 1) -> AsyncIterator[None]:
+        """The lane's RPC slot and ``sequences`` of its engine's budget, or an immediate
+        RESOURCE_EXHAUSTED with a retry hint (nothing queues)."""
         await self.board.require_serving(lane)
-        if lane.in_flight >= lane.spec.max_concurrency:
+        if (
+            lane.in_flight >= lane.spec.max_concurrency
+            or lane.budget.in_use + min(sequences, lane.budget.capacity) > lane.budget.capacity
+        ):
             self.metrics.rejected.labels(lane.name).inc()
-        async with lane.slot():
+        async with lane.slot(), lane.budget.reserve(sequences, lane.name):
             yield
 
     # ---- CallTools -------------------------------------------------------------------------
@@ -395,7 +452,15 @@ class InferenceCore:
 
         results: list[GenResult] = []
         calls: list[ParsedCall] = []
-        async with self._slot(lane):
+        # Sequences this request may hold at once: one per named tool in parallel, the
+        # selection plus up to max_calls argument generations, else one.
+        if named and (req.parallel or fmt is ToolCallFormat.LLAMA3_JSON):
+            sequences = len(named)
+        elif req.parallel and not named:
+            sequences = max_calls + 1
+        else:
+            sequences = 1
+        async with self._slot(lane, sequences):
             if named and (req.parallel or fmt is ToolCallFormat.LLAMA3_JSON):
                 calls = await self._parallel(lane, ids, named, fmt, params, base, results)
             elif named:
@@ -532,3 +597,16 @@ class InferenceCore:
             message_tokens=counts.message_tokens,
             texts=counts.texts,
         )
+
+
+def _unfinished(engine: Engine) -> int:
+    count = getattr(engine, "unfinished_requests", None)
+    return int(count()) if callable(count) else 0
+
+
+def _in_use(budget: SequenceBudget) -> int:
+    return budget.in_use
+
+
+def _capacity(budget: SequenceBudget) -> int:
+    return budget.capacity

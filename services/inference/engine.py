@@ -107,6 +107,8 @@ class VllmEngine:
     # Reads the machine's facts for the dtype choice (tests pass their own).
     facts: Callable[[str], MachineFacts] = machine_facts
     max_model_len: int = field(init=False)
+    # The scheduler's sequence cap, known once started (the admission budget's ceiling).
+    max_num_seqs: int | None = field(init=False, default=None)
     dtype_choice: DtypeChoice | None = field(init=False, default=None)
     # Seconds the start waits for a timed-out engine build to unwind after its core processes
     # were killed.
@@ -157,6 +159,7 @@ class VllmEngine:
             raise
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = int(self._llm.model_config.max_model_len)
+        self.max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
 
     async def _abandon_start(self, build: asyncio.Future[Any], before: set[int]) -> None:
         """Kill the processes a failed start spawned, let the build unwind, free its thread."""
@@ -261,6 +264,12 @@ class VllmEngine:
         if self._llm is None:
             return False
         return request_id in self._llm.output_processor.external_req_ids
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine still tracks (0 when idle; what the soak checks at the end)."""
+        if self._llm is None:
+            return 0
+        return int(self._llm.output_processor.get_num_unfinished_requests())
 
     @property
     def errored(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,11 +30,74 @@ class LaneStatus(enum.Enum):
     FAILED = "failed"
 
 
+# vLLM's max_num_seqs when the engine arguments don't say (its scheduler default).
+DEFAULT_MAX_NUM_SEQS = 256
+
+
+@dataclass
+class SequenceBudget:
+    """One engine's sequences, shared by every lane on it: never above its ``max_num_seqs``,
+    so nothing queues invisibly inside vLLM. A request reserves every generation it may run
+    at once (CallTools its N+1) or is refused with a retry hint from the measured drain rate
+    (sequences finished per second over the recent window)."""
+
+    engine_id: str
+    capacity: int
+    in_use: int = 0
+    # Finish times of recent sequences (the drain rate's window).
+    _finished: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    # Smoothed seconds a sequence holds its place (the hint before any drain was measured).
+    _avg_hold_s: float = 1.0
+
+    def drain_rate(self, now: float | None = None) -> float:
+        """Sequences finished per second lately (0 when not measured yet)."""
+        now = time.monotonic() if now is None else now
+        if len(self._finished) < 2:
+            return 0.0
+        span = now - self._finished[0]
+        return (len(self._finished) - 1) / span if span > 0 else 0.0
+
+    def retry_after_s(self, need: int) -> float:
+        short = max(1, self.in_use + need - self.capacity)
+        rate = self.drain_rate()
+        if rate <= 0 and self.in_use:
+            # Little's law: in_use sequences each held for about _avg_hold_s.
+            rate = self.in_use / max(self._avg_hold_s, 0.01)
+        wait = short / rate if rate > 0 else self._avg_hold_s
+        return round(min(30.0, max(0.05, wait)), 3)
+
+    @asynccontextmanager
+    async def reserve(self, sequences: int, lane: str) -> AsyncIterator[None]:
+        need = max(1, min(sequences, self.capacity))
+        if self.in_use + need > self.capacity:
+            raise ResourceExhausted(
+                f"engine {self.engine_id} is at its sequence budget ({self.capacity})",
+                retry_after_s=self.retry_after_s(need),
+                reason="ENGINE_AT_CAPACITY",
+                metadata={"lane": lane, "engine": self.engine_id, "sequences": str(need)},
+            )
+        self.in_use += need
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.in_use -= need
+            now = time.monotonic()
+            self._avg_hold_s = 0.8 * self._avg_hold_s + 0.2 * (now - started)
+            self._finished.extend([now] * need)
+
+
+def engine_sequence_cap(engine_args: Mapping[str, object]) -> int:
+    value = engine_args.get("max_num_seqs")
+    return int(value) if isinstance(value, int | str) and int(value) > 0 else DEFAULT_MAX_NUM_SEQS
+
+
 @dataclass
 class Lane:
     spec: LaneSpec
     engine: Engine
     renderer: PromptRenderer
+    budget: SequenceBudget
     status: LaneStatus = LaneStatus.STARTING
     in_flight: int = 0
     # Smoothed seconds per request: the retry-after hint when the lane is full.
