@@ -13,7 +13,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.orchestrator.loop.policy import AgentProfile, Caps
-from shared.config import ClientSettings, ServiceSettings
+from shared.config import ClientSettings, RequestLimits, ServiceSettings
 
 REFERENCE_READ_TOOLS = ["crm_lookup", "kb_search", "billing_lookup"]
 
@@ -24,6 +24,30 @@ def _reference_profile() -> AgentProfile:
         min_tools_first_round=3,
         required_first_round_tools=list(REFERENCE_READ_TOOLS),
         preferred_tools=list(REFERENCE_READ_TOOLS),
+    )
+
+
+class OrchestratorLimits(RequestLimits):
+    """What one AgentService request may carry."""
+
+    max_request_bytes: int = Field(default=256 * 1024, ge=1024)
+    max_user_message_chars: int = Field(default=16_000, ge=1)
+    max_metadata_entries: int = Field(default=32, ge=0)
+    max_metadata_key_chars: int = Field(default=64, ge=1)
+    max_metadata_value_chars: int = Field(default=1024, ge=1)
+    max_customer_id_chars: int = Field(default=128, ge=1)
+    max_lane_chars: int = Field(default=64, ge=1)
+    max_action_id_chars: int = Field(default=128, ge=1)
+
+
+def _caps_ceiling() -> Caps:
+    """The most an `agent:admin` caller may raise a session's caps to."""
+    return Caps(
+        max_tool_calls_per_turn=20,
+        max_tool_calls_per_task=200,
+        max_rounds_per_turn=8,
+        turn_budget_s=600.0,
+        task_budget_s=3600.0,
     )
 
 
@@ -49,6 +73,10 @@ class OrchestratorSettings(ServiceSettings):
     # Defaults of every new session; CreateSession may override any field.
     caps: Caps = Field(default_factory=Caps)
     profile: AgentProfile = Field(default_factory=_reference_profile)
+    # CreateSession.budget above `caps` needs the agent:admin scope (when auth is on) and
+    # never goes above this ceiling (a field below `caps` counts as `caps`).
+    caps_ceiling: Caps = Field(default_factory=_caps_ceiling)
+    limits: OrchestratorLimits = Field(default_factory=OrchestratorLimits)
 
     # A turn's lease in the store lives turn_budget_s + this; a dead replica's lease expires.
     lease_margin_s: float = Field(default=30.0, ge=0)
