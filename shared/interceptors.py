@@ -272,6 +272,9 @@ class ErrorInterceptor(WrappingInterceptor):
                 log.error("downstream call failed in %s: %s", method, code.name)
                 code = grpc.StatusCode.INTERNAL
             await context.abort(code, f"downstream call failed: {error.code().name}")
+        except NotImplementedError:
+            # The generated base servicer's answer for an RPC this build does not implement.
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
         except Exception:
             log.exception("unhandled error in %s", method)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")

@@ -138,3 +138,54 @@ async def secure_mesh(
     finally:
         for server in reversed(servers):
             await server.stop(grace=0.5)
+
+
+# ---- the fuzz suite's profiles and its per-RPC case counts ---------------------------------
+
+FUZZ_COUNTS = pytest.StashKey[dict[str, dict[str, int]]]()
+
+
+def _register_fuzz_profiles() -> None:
+    import datetime
+    import os
+
+    from hypothesis import HealthCheck
+    from hypothesis import settings as hsettings
+
+    common: dict[str, Any] = {
+        "database": None,
+        "suppress_health_check": [
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
+        "print_blob": True,
+        # A hang guard for one case, not a timing assertion.
+        "deadline": datetime.timedelta(seconds=60),
+    }
+    # `make test`: deterministic and bounded (seconds per RPC on 2 cores).
+    hsettings.register_profile("agentmesh-bounded", max_examples=60, derandomize=True, **common)
+    # `make fuzz`: the long run, a fresh random seed each time.
+    hsettings.register_profile("agentmesh-long", max_examples=1000, **common)
+    hsettings.load_profile(os.environ.get("AGENTMESH_FUZZ_PROFILE", "agentmesh-bounded"))
+
+
+_register_fuzz_profiles()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    counts = config.stash.get(FUZZ_COUNTS, None)
+    if not counts:
+        return
+    terminalreporter.section("fuzz cases per RPC")
+    total = undefined = 0
+    for rpc, row in sorted(counts.items()):
+        total += row["cases"]
+        undefined += row["undefined"]
+        codes = ", ".join(
+            f"{k}={v}" for k, v in sorted(row.items()) if k not in {"cases", "undefined"}
+        )
+        terminalreporter.write_line(
+            f"{rpc}: {row['cases']} cases, {row['undefined']} undefined ({codes})"
+        )
+    terminalreporter.write_line(f"total: {total} cases, {undefined} undefined statuses")
