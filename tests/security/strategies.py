@@ -191,11 +191,7 @@ def build(cls: type[Message], values: dict[str, Any]) -> Message:
             elif field.message_type is not None:
                 items = value if field.is_repeated else [value]
                 for item in items:
-                    target = (
-                        getattr(out, name).add()
-                        if field.is_repeated
-                        else getattr(out, name)
-                    )
+                    target = getattr(out, name).add() if field.is_repeated else getattr(out, name)
                     target.CopyFrom(build(field.message_type._concrete_class, item))
             elif field.is_repeated:
                 getattr(out, name).extend(value)
