@@ -58,6 +58,12 @@ async def _serve(service: Any, settings: Any) -> GrpcServer:
     return server
 
 
+def _announce(ready_file: Path, ports: dict[str, int]) -> None:
+    partial = ready_file.with_suffix(".tmp")
+    partial.write_text(json.dumps(ports))
+    partial.rename(ready_file)  # the reader never sees a half-written file
+
+
 async def main(folder: Path, ready_file: Path) -> int:
     keys = json.loads((folder / "keys.json").read_text())
     auth = AuthSettings(static_keys=[StaticKey.model_validate(k) for k in keys["keys"]])
@@ -84,7 +90,7 @@ async def main(folder: Path, ready_file: Path) -> int:
     )
     orchestrator = await _serve(OrchestratorService(orchestrator_settings), orchestrator_settings)
     servers = {"inference": inference, "tools": tools, "orchestrator": orchestrator}
-    ready_file.write_text(json.dumps({name: s.port for name, s in servers.items()}))
+    _announce(ready_file, {name: s.port for name, s in servers.items()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
