@@ -18,6 +18,8 @@ from google.protobuf import descriptor as d
 from google.protobuf.message import Message
 from hypothesis import strategies as st
 
+# ServiceSettings.max_message_bytes, the transport's cap.
+TRANSPORT_CAP_BYTES = 16 * 1024 * 1024
 _INT_EXTREMES = [0, 1, -1, 2**31 - 1, -(2**31), 2**32 - 1, 2**63 - 1, -(2**63), 2**64 - 1]
 _STRINGS = [
     "",
@@ -246,9 +248,16 @@ class Case:
     cancel_after: int
     caller: str  # admin | none | bad | wrong_scope
 
+    def __repr__(self) -> str:
+        head = self.payload[:64]
+        size = len(self.payload)
+        return f"Case({size} bytes {head!r}..., {self.wire}, {self.mode}, {self.caller})"
+
     @property
     def must_be(self) -> str | None:
         """The status this case must get regardless of content, if any."""
+        if len(self.payload) > TRANSPORT_CAP_BYTES:
+            return "RESOURCE_EXHAUSTED"  # grpc core refuses it before any of our code runs
         if self.caller == "none" or self.caller == "bad":
             return "UNAUTHENTICATED"
         if self.caller == "wrong_scope":
