@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 
 from services.inference.config import InferenceSettings
@@ -31,8 +32,11 @@ class InferenceStack:
     service: InferenceService
 
 
+RUNNING: pytest.StashKey[list[GrpcServer]] = pytest.StashKey()
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def inference_stack() -> AsyncIterator[InferenceStack]:
+async def inference_stack(request: pytest.FixtureRequest) -> AsyncIterator[InferenceStack]:
     # The prepared model lives in the repo's var/models (prepared once, reused by every run).
     settings = load_settings(
         InferenceSettings,
@@ -47,6 +51,7 @@ async def inference_stack() -> AsyncIterator[InferenceStack]:
     )
     service = InferenceService(settings)
     server = GrpcServer(service, settings)
+    request.config.stash.setdefault(RUNNING, []).append(server)
     await server.start()
     try:
         await server.wait_until_serving(ENGINE_START_TIMEOUT_S)
@@ -59,3 +64,11 @@ async def inference_stack() -> AsyncIterator[InferenceStack]:
 async def inference_server(inference_stack: InferenceStack) -> str:
     """The bound ``host:port`` of the session's inference server."""
     return inference_stack.address
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def without_shared_engine(request: pytest.FixtureRequest) -> None:
+    """Stops the session's engine (if one runs) so a test that starts its own (``agentmesh
+    up``) never has two resident. Such tests run last (tests/conftest.py orders them)."""
+    for server in request.config.stash.get(RUNNING, []):
+        await server.stop(grace=2)

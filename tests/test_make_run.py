@@ -22,10 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 DEFAULT_PORTS = {"orchestrator": 50051, "inference": 50052, "tools": 50053}
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(GRPCURL is None, reason="grpcurl comes with the dev extras"),
-]
+pytestmark = pytest.mark.slow
+
+
+def test_grpcurl_is_installed() -> None:
+    """The dev extras ship grpcurl; without it the README checks below cannot run: fail."""
+    assert GRPCURL is not None
 
 
 def _free_port() -> int:
@@ -75,6 +77,8 @@ async def _wait_all_serving(ports: dict[str, int], timeout_s: float) -> None:
     assert not pending, f"not SERVING in time: {sorted(pending)}"
 
 
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.usefixtures("without_shared_engine")
 async def test_up_serves_health_reflection_and_the_readme_commands(tmp_path: Path) -> None:
     ports = {name: _free_port() for name in DEFAULT_PORTS}
     env = {
@@ -134,7 +138,8 @@ async def test_up_serves_health_reflection_and_the_readme_commands(tmp_path: Pat
                 "ExecuteTool": ['"TOOL_RESULT_STATUS_OK"', "CUST-0001"],
                 "ExecuteTools": ['"call_id": "a"', '"call_id": "b"'],
                 "CreateSession": ['"demo-1"'],
-                "RunTurn": ['"turn_started"', '"tool_call_finished"', '"turn_completed"'],
+                # Which tools run is the plan's choice (the small model's): not asserted here.
+                "RunTurn": ['"turn_started"', '"plan"', '"turn_completed"', '"llm_stages"'],
                 "GetSession": ['"ROLE_USER"', '"ROLE_ASSISTANT"'],
             }.get(method, [])
             for fragment in expected:
@@ -144,7 +149,7 @@ async def test_up_serves_health_reflection_and_the_readme_commands(tmp_path: Pat
         )
         code, out = await _run([sys.executable, "-c", example], timeout_s=600)
         assert code == 0, out
-        assert "[crm_lookup: OK]" in out and "total" in out, out
+        assert "total" in out, out
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 180) == 0, "".join(output[-80:])
         assert "exit codes" in "".join(output)

@@ -170,6 +170,9 @@ class InferenceSettings(ServiceSettings):
     cpu_omp_threads_bind: str = "auto"
     # Calls returned by CallTools when the request does not say (the per-turn cap).
     default_max_tool_calls: int = Field(default=5, ge=1)
+    # Threads that render templates and tokenize (off the event loop); the tokenizer is shared
+    # with the engine's detokenizer and only read, so a few threads are safe.
+    tokenize_threads: int = Field(default=2, ge=1, le=16)
     # Seconds an engine may take to start before warm-up fails.
     engine_start_timeout_s: float = 600.0
     # Don't send usage statistics anywhere (no network here anyway).

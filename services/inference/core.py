@@ -7,35 +7,42 @@ problem leaves as a domain error (shared.errors) with a message written here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import jsonschema
 from agentmesh.common.v1 import common_pb2
 from agentmesh.inference.v1 import inference_pb2 as pb
-from google.protobuf import duration_pb2
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
 from services.inference.config import InferenceSettings, LanesConfig, StageName, ToolCallFormat
+from services.inference.continue_answer import ContinueOrAnswer, continue_or_answer
+from services.inference.counting import check_count_limits, count_all
+from services.inference.dtype import DtypeChoice
 from services.inference.engine import Delta, Engine, EngineDead, EngineFactory, EngineRejected
 from services.inference.engine import GenParams as GenParams
 from services.inference.lanes import Lane, LaneStatus
 from services.inference.prompt import PromptRenderer, ToolDef, messages_to_dicts, parse_tools
+from services.inference.results import FINISH, GenResult, Metrics, duration, emitted
 from services.inference.router import LaneRouter, RouteChoice
+from services.inference.sampling import gen_params, validate_sampling
 from services.inference.tool_calls import (
     GrammarBuilder,
     ParsedCall,
     json_schema_grammar,
-    new_call_id,
     parse_calls,
     parse_selection,
 )
 from shared.errors import InvalidArgument, Unavailable
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -47,93 +54,11 @@ _STAGES = {
     common_pb2.STAGE_TOOL_CALL: StageName.TOOL_CALL,
     common_pb2.STAGE_COMPOSE: StageName.COMPOSE,
 }
-_FINISH = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "abort": pb.FINISH_REASON_ABORT,
-}
 _LANE_STATE = {
     LaneStatus.STARTING: pb.LANE_STATE_STARTING,
     LaneStatus.SERVING: pb.LANE_STATE_SERVING,
     LaneStatus.FAILED: pb.LANE_STATE_FAILED,
 }
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
-    return d
-
-
-@dataclass
-class GenResult:
-    text: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    finish: str = "stop"
-    ttft_s: float = 0.0
-
-    def add(self, delta: Delta, started: float) -> None:
-        """Fold one engine delta in (the output text is the caller's: it streams or joins it);
-        time to first token counts from `started`."""
-        if delta.new_tokens and not self.ttft_s:
-            self.ttft_s = time.monotonic() - started
-        self.completion_tokens += delta.new_tokens
-        if delta.finished:
-            self.finish = delta.finish_reason or "stop"
-            self.prompt_tokens = delta.prompt_tokens or self.prompt_tokens
-            self.cached_tokens = delta.cached_tokens
-
-    def usage(self) -> common_pb2.Usage:
-        return common_pb2.Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            cached_prompt_tokens=self.cached_tokens,
-        )
-
-
-@dataclass
-class Metrics:
-    registry: CollectorRegistry
-    ttft: Histogram = field(init=False)
-    tokens: Counter = field(init=False)
-    rejected: Counter = field(init=False)
-    calls: Counter = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.ttft = Histogram(
-            "agentmesh_inference_ttft_seconds",
-            "Time to first token.",
-            ["lane"],
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
-            registry=self.registry,
-        )
-        self.tokens = Counter(
-            "agentmesh_inference_tokens",
-            "Tokens by lane and kind (prompt, cached, completion).",
-            ["lane", "kind"],
-            registry=self.registry,
-        )
-        self.rejected = Counter(
-            "agentmesh_inference_rejected",
-            "Requests refused at a lane's concurrency cap.",
-            ["lane"],
-            registry=self.registry,
-        )
-        self.calls = Counter(
-            "agentmesh_inference_tool_calls",
-            "Emitted tool calls by lane and parse outcome.",
-            ["lane", "outcome"],
-            registry=self.registry,
-        )
-
-    def account(self, lane: str, result: GenResult) -> None:
-        self.tokens.labels(lane, "prompt").inc(result.prompt_tokens)
-        self.tokens.labels(lane, "cached").inc(result.cached_tokens)
-        self.tokens.labels(lane, "completion").inc(result.completion_tokens)
-        if result.ttft_s:
-            self.ttft.labels(lane).observe(result.ttft_s)
 
 
 @dataclass
@@ -144,6 +69,8 @@ class Prepared:
     choice: RouteChoice
     prompt_ids: list[int]
     params: GenParams
+    # Set for "continue or answer" streams (tool_choice auto/required with tools).
+    splitter: ContinueOrAnswer | None = None
 
 
 class InferenceCore:
@@ -163,6 +90,10 @@ class InferenceCore:
         self.lanes: dict[str, Lane] = {}
         # Live engine request ids -> lane (lets tests and operators see what is running).
         self.live_requests: dict[str, str] = {}
+        # Template rendering and tokenization are CPU work: off the event loop, here.
+        self._cpu = ThreadPoolExecutor(
+            max_workers=settings.tokenize_threads, thread_name_prefix="inference-tokenize"
+        )
         keys: dict[str, str] = {}
         for spec in lanes_config.hosted():
             key = spec.engine_key()
@@ -223,6 +154,12 @@ class InferenceCore:
                 await engine.shutdown()
             except Exception:
                 log.exception("engine shutdown failed")
+        self._cpu.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._cpu, functools.partial(fn, *args)
+        )
 
     # ---- request preparation ----------------------------------------------------------------
 
@@ -249,29 +186,47 @@ class InferenceCore:
     def _params(
         self, lane: Lane, sampling: pb.SamplingParams, default_max: int | None = None
     ) -> GenParams:
-        d = lane.spec.sampling
-        explicit_max = sampling.max_tokens if sampling.HasField("max_tokens") else 0
-        return GenParams(
-            max_tokens=explicit_max or default_max or d.max_tokens,
-            temperature=sampling.temperature if sampling.HasField("temperature") else d.temperature,
-            top_p=sampling.top_p if sampling.HasField("top_p") and sampling.top_p > 0 else d.top_p,
-            seed=sampling.seed if sampling.HasField("seed") else None,
-            stop=tuple(sampling.stop),
-        )
+        validate_sampling(sampling, lane.engine.max_model_len)
+        return gen_params(lane.spec.sampling, sampling, default_max)
 
-    def _prepare_generate(self, req: pb.GenerateRequest | pb.StreamGenerateRequest) -> Prepared:
+    def _render_tokenize(
+        self,
+        lane: Lane,
+        messages: list[dict[str, Any]],
+        tools: Sequence[ToolDef],
+        max_tokens: int,
+        with_few_shot: bool = False,
+    ) -> tuple[list[int], int]:
+        """Blocking: the prompt exactly as the engine gets it (run through _off_loop)."""
+        prompt = lane.renderer.render(messages, tools, with_few_shot=with_few_shot)
+        return self._tokenize(lane, prompt, max_tokens)
+
+    async def _prepare_generate(
+        self, req: pb.GenerateRequest | pb.StreamGenerateRequest
+    ) -> Prepared:
         messages = messages_to_dicts(req.messages)
         tools = parse_tools(req.tools)
         lane, choice = self._route(req.lane)
-        params = self._params(lane, req.sampling)
-        if params.temperature < 0:
-            raise InvalidArgument("sampling.temperature", "must be >= 0")
+        splitter = None
+        default_max = None
+        if isinstance(req, pb.StreamGenerateRequest):
+            splitter = continue_or_answer(
+                req, lane.spec, tools, self.grammars, self.settings.default_max_tool_calls
+            )
+            if splitter is not None:
+                default_max = splitter.default_max_tokens(lane.spec.sampling)
+        params = self._params(lane, req.sampling, default_max)
         grammar = None
         if req.response_format.json_schema:
             grammar = self._response_grammar(req.response_format.json_schema)
-        prompt = lane.renderer.render(messages, tools)
-        ids, max_tokens = self._tokenize(lane, prompt, params.max_tokens)
-        return Prepared(lane, choice, ids, replace(params, max_tokens=max_tokens, grammar=grammar))
+        if splitter is not None:
+            grammar = await self._off_loop(splitter.grammar, self.grammars)
+        ids, max_tokens = await self._off_loop(
+            self._render_tokenize, lane, messages, tools, params.max_tokens
+        )
+        return Prepared(
+            lane, choice, ids, replace(params, max_tokens=max_tokens, grammar=grammar), splitter
+        )
 
     def _response_grammar(self, schema_text: str) -> str:
         field_name = "response_format.json_schema"
@@ -322,40 +277,55 @@ class InferenceCore:
 
     async def generate(self, req: pb.GenerateRequest) -> pb.GenerateResponse:
         started = time.monotonic()
-        prep = self._prepare_generate(req)
+        prep = await self._prepare_generate(req)
         async with self._slot(prep.lane):
             result = await self._collect(prep.lane, prep.prompt_ids, prep.params)
         return pb.GenerateResponse(
             text=result.text,
             usage=result.usage(),
-            finish_reason=_FINISH[result.finish],
+            finish_reason=FINISH[result.finish],
             lane=self._choice(prep.lane, prep.choice),
-            time_to_first_token=_duration(result.ttft_s),
-            elapsed=_duration(time.monotonic() - started),
+            time_to_first_token=duration(result.ttft_s),
+            elapsed=duration(time.monotonic() - started),
         )
 
     async def stream_generate(
         self, req: pb.StreamGenerateRequest
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
         started = time.monotonic()
-        prep = self._prepare_generate(req)
-        lane = prep.lane
+        prep = await self._prepare_generate(req)
+        lane, splitter = prep.lane, prep.splitter
         async with self._slot(lane):
             result = GenResult(prompt_tokens=len(prep.prompt_ids))
             async for delta in self._deltas(lane, prep.prompt_ids, prep.params):
                 result.add(delta, started)
-                if delta.text:
-                    yield pb.StreamGenerateResponse(text_delta=delta.text)
+                text = splitter.feed(delta.text) if splitter is not None else delta.text
+                if text:
+                    yield pb.StreamGenerateResponse(text_delta=text)
         self.metrics.account(lane.name, result)
+        if splitter is not None:
+            tail = splitter.finish()
+            if tail:
+                yield pb.StreamGenerateResponse(text_delta=tail)
+            calls = splitter.calls()
+            if calls is not None:
+                self._count_calls(lane, calls)
+                yield pb.StreamGenerateResponse(
+                    tool_calls=pb.ToolCallsEmitted(calls=[emitted(c) for c in calls])
+                )
         yield pb.StreamGenerateResponse(
             summary=pb.GenerationSummary(
                 usage=result.usage(),
-                finish_reason=_FINISH[result.finish],
+                finish_reason=FINISH[result.finish],
                 lane=self._choice(lane, prep.choice),
-                time_to_first_token=_duration(result.ttft_s),
-                elapsed=_duration(time.monotonic() - started),
+                time_to_first_token=duration(result.ttft_s),
+                elapsed=duration(time.monotonic() - started),
             )
         )
+
+    def _count_calls(self, lane: Lane, calls: Sequence[ParsedCall]) -> None:
+        for call in calls:
+            self.metrics.calls.labels(lane.name, "ok" if call.ok else "failed").inc()
 
     def _slot(self, lane: Lane) -> Any:
         if lane.in_flight >= lane.spec.max_concurrency:
@@ -404,10 +374,11 @@ class InferenceCore:
                 raise InvalidArgument(
                     "tool_choice.names", f"{len(named)} tools named but max_calls is {max_calls}"
                 )
-        prompt = lane.renderer.render(messages, tools, with_few_shot=True)
         per_call = lane.spec.sampling.tool_call_max_tokens
         base = self._params(lane, req.sampling, default_max=per_call)
-        ids, _ = self._tokenize(lane, prompt, base.max_tokens)
+        ids, _ = await self._off_loop(
+            self._render_tokenize, lane, messages, tools, base.max_tokens, True
+        )
         room = lane.engine.max_model_len - len(ids)
 
         def params(grammar: str | None, max_tokens: int) -> GenParams:
@@ -456,19 +427,18 @@ class InferenceCore:
                 if not calls and min_calls:
                     calls = [ParsedCall("", "", "", False, "no tool call in the output", res.text)]
         calls = calls[:max_calls]
-        for call in calls:
-            self.metrics.calls.labels(lane.name, "ok" if call.ok else "failed").inc()
+        self._count_calls(lane, calls)
         usage = common_pb2.Usage(
             prompt_tokens=sum(r.prompt_tokens for r in results),
             completion_tokens=sum(r.completion_tokens for r in results),
             cached_prompt_tokens=sum(r.cached_tokens for r in results),
         )
         return pb.CallToolsResponse(
-            calls=[_emitted(c) for c in calls],
+            calls=[emitted(c) for c in calls],
             usage=usage,
             lane=self._choice(lane, choice),
             generations=len(results),
-            elapsed=_duration(time.monotonic() - started),
+            elapsed=duration(time.monotonic() - started),
         )
 
     async def _parallel(
@@ -514,9 +484,12 @@ class InferenceCore:
     # ---- ListLanes -------------------------------------------------------------------------
 
     def list_lanes(self) -> pb.ListLanesResponse:
-        return pb.ListLanesResponse(
-            preset=self.config.preset,
-            lanes=[
+        lanes = []
+        for lane in self.lanes.values():
+            dtype = lane.engine.dtype_choice or DtypeChoice(
+                str(lane.spec.engine_args.get("dtype", "auto")), "", "engine not started"
+            )
+            lanes.append(
                 pb.LaneInfo(
                     name=lane.name,
                     model=lane.spec.model,
@@ -526,18 +499,34 @@ class InferenceCore:
                     in_flight=lane.in_flight,
                     max_model_len=lane.engine.max_model_len,
                     engine_id=lane.engine.engine_id,
+                    dtype=dtype.dtype,
+                    device=dtype.device,
+                    dtype_reason=dtype.reason,
                 )
-                for lane in self.lanes.values()
-            ],
+            )
+        return pb.ListLanesResponse(preset=self.config.preset, lanes=lanes)
+
+    # ---- CountTokens -----------------------------------------------------------------------
+
+    async def count_tokens(self, req: pb.CountTokensRequest) -> pb.CountTokensResponse:
+        """Counts in the lane's tokenizer; no engine generation, no lane slot (it works while
+        the lane is at its cap)."""
+        check_count_limits(req)
+        messages = messages_to_dicts(req.messages) if req.messages else None
+        tools = parse_tools(req.tools)
+        lane, choice = self._route(req.lane)
+
+        def work() -> Any:
+            prompt = None
+            if messages is not None:
+                prompt = lane.renderer.render(messages, tools)
+            return count_all(lane.engine, prompt, req.messages, req.texts, req.truncate_texts_to)
+
+        counts = await self._off_loop(work)
+        return pb.CountTokensResponse(
+            prompt_tokens=counts.prompt_tokens,
+            max_model_len=lane.engine.max_model_len,
+            lane=self._choice(lane, choice),
+            message_tokens=counts.message_tokens,
+            texts=counts.texts,
         )
-
-
-def _emitted(call: ParsedCall) -> pb.EmittedToolCall:
-    return pb.EmittedToolCall(
-        call=common_pb2.ToolCall(
-            id=call.id or new_call_id(), name=call.name, arguments_json=call.arguments_json
-        ),
-        outcome=pb.PARSE_OUTCOME_OK if call.ok else pb.PARSE_OUTCOME_FAILED,
-        parse_error=call.error,
-        raw_text=call.raw_text,
-    )

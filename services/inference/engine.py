@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from services.inference.dtype import DtypeChoice, MachineFacts, choose_dtype, machine_facts
+
 log = logging.getLogger(__name__)
 
 FinishKind = Literal["stop", "length", "abort"]
@@ -57,10 +59,14 @@ class Engine(Protocol):
 
     engine_id: str
     max_model_len: int
+    # The dtype the engine computes in and why; None until it started.
+    dtype_choice: DtypeChoice | None
 
     async def start(self) -> None: ...
 
     def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
 
     def generate(
         self, prompt_token_ids: list[int], params: GenParams, request_id: str
@@ -88,7 +94,12 @@ class VllmEngine:
     # Model reference -> what vLLM loads (prepares the embedded model once; may block).
     resolve: Callable[[str], str] = str
     start_timeout_s: float = 600.0
+    # "cpu" or "cuda": where the engine runs (the dtype is chosen for it).
+    device: str = "cpu"
+    # Reads the machine's facts for the dtype choice (tests pass their own).
+    facts: Callable[[str], MachineFacts] = machine_facts
     max_model_len: int = field(init=False)
+    dtype_choice: DtypeChoice | None = field(init=False, default=None)
     _llm: Any = field(init=False, default=None)
     _tokenizer: Any = field(init=False, default=None)
 
@@ -100,7 +111,17 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         model_path = await asyncio.to_thread(self.resolve, self.model_ref)
-        args = {"disable_log_stats": True, **self.engine_args}
+        facts = await asyncio.to_thread(self.facts, self.device)
+        choice = choose_dtype(self.engine_args.get("dtype"), facts)
+        log.info(
+            "%s computes in %s on %s: %s",
+            self.engine_id,
+            choice.dtype,
+            choice.device,
+            choice.reason,
+        )
+        self.dtype_choice = choice
+        args = {"disable_log_stats": True, **self.engine_args, "dtype": choice.dtype}
         engine_args = AsyncEngineArgs(model=model_path, **args)
         # Building the engine blocks (it waits for the core process): keep the loop free for
         # health checks meanwhile.
@@ -121,6 +142,11 @@ class VllmEngine:
         self._require()
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
         return ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        self._require()
+        text: str = self._tokenizer.decode(token_ids, skip_special_tokens=False)
+        return text
 
     def _sampling_params(self, params: GenParams) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
@@ -211,10 +237,17 @@ EngineFactory = Callable[[str, str, dict[str, Any]], Engine]
 """(engine_id, model_ref, engine_args) -> an unstarted engine."""
 
 
-def vllm_engine_factory(resolve: Callable[[str], str], start_timeout_s: float) -> EngineFactory:
+def vllm_engine_factory(
+    resolve: Callable[[str], str], start_timeout_s: float, device: str = "cpu"
+) -> EngineFactory:
     def make(engine_id: str, model_ref: str, engine_args: dict[str, Any]) -> Engine:
         return VllmEngine(
-            engine_id, model_ref, engine_args, resolve=resolve, start_timeout_s=start_timeout_s
+            engine_id,
+            model_ref,
+            engine_args,
+            resolve=resolve,
+            start_timeout_s=start_timeout_s,
+            device=device,
         )
 
     return make

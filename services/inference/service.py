@@ -59,6 +59,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
     ) -> pb.ListLanesResponse:
         return self._core.list_lanes()
 
+    async def CountTokens(
+        self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CountTokensResponse:
+        return await self._core.count_tokens(request)
+
 
 class InferenceService:
     """Implements shared.server.Service: engines start in warm_up, lanes get health names."""
@@ -83,7 +88,9 @@ class InferenceService:
             def resolve(ref: str) -> str:
                 return resolve_model(ref, models_dir)
 
-            engine_factory = vllm_engine_factory(resolve, settings.engine_start_timeout_s)
+            engine_factory = vllm_engine_factory(
+                resolve, settings.engine_start_timeout_s, "cuda" if device == "gpu" else "cpu"
+            )
             self._real_engines = True
         else:
             self._real_engines = False

@@ -119,6 +119,15 @@ class GrammarBuilder:
         first = "<" if fmt is ToolCallFormat.HERMES else "{"
         return _xg().Grammar.from_ebnf(f'root ::= "" | [^{first}] [^]*')
 
+    def answer_or_calls(self, tools: Sequence[ToolDef], fmt: ToolCallFormat, max_calls: int) -> str:
+        """ "Continue or answer": either 1..``max_calls`` valid calls (llama3_json: one) or a
+        text answer that cannot be read as a call (hermes: it never contains the
+        ``<tool_call>`` opener; llama3_json: it does not open with a JSON object)."""
+        return self._memo(
+            _key(f"answer-or-calls{max_calls}", fmt, tools),
+            lambda: self._calls_grammar(tools, fmt, 1, max_calls, text=answer_text_grammar(fmt)),
+        )
+
     def single_tool(self, tool: ToolDef, fmt: ToolCallFormat) -> str:
         """Exactly one call of ``tool`` (parallel emission: one of these per generation)."""
         return self._memo(_key("call", fmt, [tool]), lambda: self._one_call(tool, fmt))
@@ -142,26 +151,38 @@ class GrammarBuilder:
     ) -> str:
         """``min_calls``..``max_calls`` calls of any of ``tools`` in one generation; with
         ``min_calls == 0`` plain text is allowed instead. llama3_json: at most one call."""
+        text = self._free_text(fmt) if min_calls == 0 else None
+        return self._memo(
+            _key(f"calls{min_calls}-{max_calls}", fmt, tools),
+            lambda: self._calls_grammar(tools, fmt, min_calls, max_calls, text=text),
+        )
+
+    def _calls_grammar(
+        self,
+        tools: Sequence[ToolDef],
+        fmt: ToolCallFormat,
+        min_calls: int,
+        max_calls: int,
+        *,
+        text: Any = None,
+    ) -> Any:
+        """max(1, min_calls)..max_calls calls (llama3_json: one), or ``text`` instead."""
         if fmt is ToolCallFormat.LLAMA3_JSON:
             max_calls = 1
         xg = _xg()
-
-        def build() -> Any:
-            item = self._any_call(tools, fmt)
-            sep = xg.Grammar.from_ebnf('root ::= "\\n"')
-            options: list[Any] = []
-            for count in range(max(min_calls, 1), max_calls + 1):
-                seq: list[Any] = []
-                for i in range(count):
-                    if i:
-                        seq.append(sep)
-                    seq.append(item)
-                options.append(seq[0] if len(seq) == 1 else xg.Grammar.concat(*seq))
-            if min_calls == 0:
-                options.append(self._free_text(fmt))
-            return options[0] if len(options) == 1 else xg.Grammar.union(*options)
-
-        return self._memo(_key(f"calls{min_calls}-{max_calls}", fmt, tools), build)
+        item = self._any_call(tools, fmt)
+        sep = xg.Grammar.from_ebnf('root ::= "\\n"')
+        options: list[Any] = []
+        for count in range(max(min_calls, 1), max_calls + 1):
+            seq: list[Any] = []
+            for i in range(count):
+                if i:
+                    seq.append(sep)
+                seq.append(item)
+            options.append(seq[0] if len(seq) == 1 else xg.Grammar.concat(*seq))
+        if text is not None:
+            options.append(text)
+        return options[0] if len(options) == 1 else xg.Grammar.union(*options)
 
     def selection(self, tools: Sequence[ToolDef], min_calls: int, max_calls: int) -> str:
         """A compact JSON array of tool names: which tools to call (parallel emission)."""
@@ -175,6 +196,47 @@ class GrammarBuilder:
             return _xg().Grammar.from_ebnf(f"root ::= {body}\nname ::= {names}")
 
         return self._memo(_key(f"sel{min_calls}-{max_calls}", ToolCallFormat.HERMES, tools), build)
+
+
+TOOL_CALL_OPENER = {ToolCallFormat.HERMES: "<tool_call>", ToolCallFormat.LLAMA3_JSON: "{"}
+"""What a call opens with in each format (llama3_json: after optional whitespace)."""
+
+
+def _char_class_item(ch: str) -> str:
+    return "\\" + ch if ch in "]\\^-[" else ebnf_literal(ch)[1:-1]
+
+
+def text_without_ebnf(pattern: str) -> str:
+    """EBNF of every string that does not contain ``pattern`` (whose first character must
+    not occur again in it, so a failed partial match can only restart at that character).
+
+    A string avoids the pattern when each run of partial matches ends in a deviating
+    character: ``unit ::= [^p0] | partial* deviation``, and the string may end inside one.
+    """
+    first, rest = pattern[0], pattern[1:]
+    if not rest or first in rest:
+        raise ValueError("pattern must be 2+ characters whose first one does not recur")
+    prefixes = [pattern[:i] for i in range(1, len(pattern))]
+    partial = " | ".join(ebnf_literal(p) for p in prefixes)
+    deviations = " | ".join(
+        f"{ebnf_literal(p)} [^{_char_class_item(first)}{_char_class_item(pattern[len(p)])}]"
+        for p in prefixes
+    )
+    return "\n".join(
+        [
+            "root ::= unit* partial*",
+            f"unit ::= [^{_char_class_item(first)}] | partial* deviation",
+            f"partial ::= {partial}",
+            f"deviation ::= {deviations}",
+        ]
+    )
+
+
+def answer_text_grammar(fmt: ToolCallFormat) -> Any:
+    """A text answer that cannot be mistaken for the format's tool call."""
+    if fmt is ToolCallFormat.HERMES:
+        return _xg().Grammar.from_ebnf(text_without_ebnf(TOOL_CALL_OPENER[fmt]))
+    return _xg().Grammar.from_ebnf("root ::= [ \\t\\r\\n]* ([^{ \\t\\r\\n] [^]*)?")
 
 
 def _key(kind: str, fmt: ToolCallFormat, tools: Sequence[ToolDef]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -13,11 +14,16 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from typing import Any
 
-from services.orchestrator.loop.events import MessagesCommitted, TurnEvent
-from services.orchestrator.loop.policy import Caps
+from services.orchestrator.loop.events import (
+    ActionProposed,
+    ActionResolved,
+    MessagesCommitted,
+    TurnEvent,
+)
+from services.orchestrator.loop.policy import Caps, Ceilings
 from services.orchestrator.loop.ports import ToolsPort
 from services.orchestrator.loop.runner import TurnInput, TurnRunner
-from services.orchestrator.loop.types import ToolDef
+from services.orchestrator.loop.types import Action, ActionState, ToolDef
 from services.orchestrator.sessions.base import SessionRecord, SessionState, SessionStore
 from shared.deadlines import Deadline
 from shared.errors import AgentmeshError, FailedPrecondition, InvalidArgument, NotFound
@@ -38,6 +44,7 @@ class Agent:
         tools: ToolsPort,
         default_caps: Caps,
         *,
+        ceilings: Ceilings | None = None,
         lease_margin_s: float = 30.0,
         registry_timeout_s: float = 10.0,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
@@ -46,6 +53,7 @@ class Agent:
         self._runner = runner
         self._tools = tools
         self._default_caps = default_caps
+        self._ceilings = ceilings or Ceilings(caps=default_caps.model_copy())
         self._lease_margin_s = lease_margin_s
         self._registry_timeout_s = registry_timeout_s
         self._new_id = new_id
@@ -86,6 +94,19 @@ class Agent:
             caps = Caps.model_validate({**self._default_caps.model_dump(), **overrides})
         except ValueError as exc:
             raise InvalidArgument("budget", "caps must be positive numbers") from exc
+        # A field above the ceiling (or above the default, where the default is higher).
+        top_caps = Caps.model_validate(
+            {
+                k: max(v, getattr(self._default_caps, k))
+                for k, v in self._ceilings.caps.model_dump().items()
+            }
+        )
+        for name in caps.above(top_caps):
+            top = getattr(top_caps, name)
+            raise InvalidArgument(
+                f"budget.{_BUDGET_FIELDS.get(name, name)}",
+                f"above this server's ceiling of {top:g}",
+            )
         record = SessionRecord(
             session_id=session_id or self._new_id(),
             caps=caps,
@@ -96,10 +117,19 @@ class Agent:
         return record
 
     async def get_session(self, session_id: str) -> SessionRecord:
+        """The session; pending actions past their expiry are marked EXPIRED on the way."""
         _check_session_id(session_id)
         record = await self._store.get(session_id)
         if record is None:
             raise NotFound("no such session", metadata={"session_id": session_id})
+        now = time.time()
+        for i, action in enumerate(record.actions):
+            if action.state is ActionState.PENDING and action.expires_at <= now:
+                expired = dataclasses.replace(action, state=ActionState.EXPIRED, resolved_at=now)
+                stored = await self._store.transition_action(
+                    session_id, action.action_id, expected=[ActionState.PENDING], new=expired
+                )
+                record.actions[i] = stored or expired
         return record
 
     async def end_session(self, session_id: str) -> SessionRecord:
@@ -116,12 +146,32 @@ class Agent:
         user_message: str,
         *,
         lane: str = "",
+        confirm_action_id: str = "",
+        reject_action_id: str = "",
         deadline: Deadline | None = None,
     ) -> AsyncGenerator[TurnEvent, None]:
         """Runs one turn under the session's lease; persists each completed step as it
-        happens and the counters (tool calls, time used) whatever way the turn ends."""
+        happens and the counters (tool calls, time used) whatever way the turn ends.
+
+        With ``confirm_action_id`` the turn executes exactly that stored action (once, however
+        often it is confirmed); with ``reject_action_id`` it declines it."""
         _check_session_id(session_id)
-        if not user_message.strip():
+        if lane and lane not in self._ceilings.forceable_lanes:
+            raise InvalidArgument(
+                "lane",
+                "this server lets callers force only: "
+                + (", ".join(self._ceilings.forceable_lanes) or "no lane"),
+            )
+        if confirm_action_id and reject_action_id:
+            raise InvalidArgument(
+                "reject_action_id", "set only one of confirm_action_id and reject_action_id"
+            )
+        action_id = confirm_action_id or reject_action_id
+        if action_id and len(action_id) > MAX_SESSION_ID_CHARS:
+            raise InvalidArgument(
+                "confirm_action_id" if confirm_action_id else "reject_action_id", "too long"
+            )
+        if not user_message.strip() and not action_id:
             raise InvalidArgument("user_message", "must not be empty")
         if len(user_message) > MAX_USER_MESSAGE_CHARS:
             raise InvalidArgument(
@@ -147,6 +197,14 @@ class Agent:
             except AgentmeshError:
                 log.warning("tool registry unavailable; the turn runs without tools")
                 registry = ()
+            action = (
+                await self._action_for_turn(record, confirm_action_id, reject_action_id)
+                if action_id
+                else None
+            )
+            if action is not None and not user_message.strip():
+                verb = "Confirmed" if confirm_action_id else "Rejected"
+                user_message = f"{verb}: {action.summary}"
             counters.turn_count = record.turn_count + 1
             counters.task_tool_calls = record.task_tool_calls
             counters.base_time = record.task_time_used_s
@@ -169,8 +227,14 @@ class Agent:
                 task_time_used_s=record.task_time_used_s,
                 forced_lane=lane,
                 deadline=deadline,
+                session_committed_cents=_committed_cents(record.actions),
+                confirmed_action=action if confirm_action_id else None,
             )
-            async with aclosing(self._runner.run(inp)) as events:
+            if action is not None and (reject_action_id or action.state.final):
+                turn = self._runner.settled(inp, action)
+            else:
+                turn = self._runner.run(inp)
+            async with aclosing(turn) as events:
                 async for event in events:
                     if isinstance(event, MessagesCommitted):
                         await self._store.append_messages(
@@ -179,9 +243,72 @@ class Agent:
                         if event.tool_calls_executed:
                             counters.task_tool_calls += event.tool_calls_executed
                             await self._save(session_id, counters, started)
+                    elif isinstance(event, ActionProposed):
+                        await self._store.add_action(event.action)
+                    elif (
+                        isinstance(event, ActionResolved)
+                        and action is not None
+                        and event.action.state is not action.state
+                    ):
+                        await self._store.transition_action(
+                            session_id,
+                            action.action_id,
+                            expected=[ActionState.EXECUTING],
+                            new=event.action,
+                        )
                     yield event
         finally:
             await _shielded(self._finish(session_id, owner, counters, started))
+
+    async def _action_for_turn(
+        self, record: SessionRecord, confirm_id: str, reject_id: str
+    ) -> Action:
+        """The action a confirming / rejecting turn acts on, moved to its next state:
+        confirm: PENDING -> EXECUTING (an EXECUTING one is resumed, an EXECUTED one replayed);
+        reject: PENDING -> REJECTED (a REJECTED one again is the same answer)."""
+        field = "confirm_action_id" if confirm_id else "reject_action_id"
+        action_id = confirm_id or reject_id
+        action = await self._store.get_action(record.session_id, action_id)
+        if action is None:
+            raise NotFound("no such action in this session", metadata={field: action_id})
+        now = time.time()
+        if action.state is ActionState.PENDING and action.expires_at <= now:
+            expired = dataclasses.replace(action, state=ActionState.EXPIRED, resolved_at=now)
+            await self._store.transition_action(
+                record.session_id, action_id, expected=[ActionState.PENDING], new=expired
+            )
+            raise FailedPrecondition(
+                "the action expired; ask for it again", reason="ACTION_EXPIRED"
+            )
+        if confirm_id:
+            if action.state in (ActionState.EXECUTING, ActionState.EXECUTED):
+                return action
+            if action.state is not ActionState.PENDING:
+                raise FailedPrecondition(
+                    f"the action is {action.state.value}", reason=f"ACTION_{action.state.name}"
+                )
+            others = [a for a in record.actions if a.action_id != action_id]
+            ceiling = round(self._runner.profile.actions.max_amount_per_session * 100)
+            if _committed_cents(others) + action.amount_cents > ceiling:
+                raise FailedPrecondition(
+                    "confirming this would exceed the conversation's money limit",
+                    reason="ACTION_OVER_LIMIT",
+                )
+            new = dataclasses.replace(action, state=ActionState.EXECUTING)
+        else:
+            if action.state is ActionState.REJECTED:
+                return action
+            if action.state is not ActionState.PENDING:
+                raise FailedPrecondition(
+                    f"the action is {action.state.value}", reason=f"ACTION_{action.state.name}"
+                )
+            new = dataclasses.replace(action, state=ActionState.REJECTED, resolved_at=now)
+        stored = await self._store.transition_action(
+            record.session_id, action_id, expected=[ActionState.PENDING], new=new
+        )
+        if stored is None:
+            raise NotFound("no such action in this session", metadata={field: action_id})
+        return stored
 
     async def _save(self, session_id: str, counters: _Counters, started: float) -> None:
         await self._store.update_counters(
@@ -223,6 +350,14 @@ async def _shielded(coro: Any) -> None:
 
 
 _CLIENT_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_BUDGET_FIELDS = {"turn_budget_s": "turn_budget", "task_budget_s": "task_budget"}
+
+
+def _committed_cents(actions: list[Action]) -> int:
+    """Money this session's executed or executing actions move."""
+    return sum(
+        a.amount_cents for a in actions if a.state in (ActionState.EXECUTING, ActionState.EXECUTED)
+    )
 
 
 def _check_session_id(session_id: str) -> None:

@@ -30,8 +30,11 @@ from services.orchestrator.loop.types import (
     GenerationStats,
     LaneRequest,
     Message,
+    Principal,
     Role,
+    TokenCount,
     ToolCall,
+    ToolCallsChosen,
     ToolDef,
     ToolInvocation,
     ToolOutcome,
@@ -57,7 +60,13 @@ INFERENCE_RETRY_METHODS: list[tuple[str, str | None]] = [
     (INFERENCE_SERVICE, "Generate"),
     (INFERENCE_SERVICE, "CallTools"),
     (INFERENCE_SERVICE, "ListLanes"),
+    (INFERENCE_SERVICE, "CountTokens"),
 ]
+PRINCIPAL_HEADER = "agentmesh-principal"
+_TOOL_CHOICE = {
+    "auto": inference_pb2.ToolChoice.MODE_AUTO,
+    "required": inference_pb2.ToolChoice.MODE_REQUIRED,
+}
 TOOLS_RETRY_METHODS: list[tuple[str, str | None]] = [
     (TOOLS_SERVICE, "ListTools"),
     (TOOLS_SERVICE, "ExecuteTools"),
@@ -101,6 +110,8 @@ def tool_to_proto(tool: ToolDef) -> common_pb2.ToolSpec:
         if tool.effect is Effect.WRITE
         else common_pb2.TOOL_EFFECT_READ,
         timeout_ms=tool.timeout_ms,
+        principal_arguments=list(tool.principal_arguments),
+        requires_customer=tool.requires_customer,
     )
 
 
@@ -111,6 +122,20 @@ def tool_from_proto(spec: common_pb2.ToolSpec) -> ToolDef:
         parameters_json_schema=spec.parameters_json_schema,
         effect=Effect.WRITE if spec.effect == common_pb2.TOOL_EFFECT_WRITE else Effect.READ,
         timeout_ms=spec.timeout_ms,
+        principal_arguments=tuple(spec.principal_arguments),
+        requires_customer=spec.requires_customer,
+    )
+
+
+def emitted_from_proto(calls: Sequence[inference_pb2.EmittedToolCall]) -> tuple[EmittedCall, ...]:
+    return tuple(
+        EmittedCall(
+            call=ToolCall(c.call.id, c.call.name, c.call.arguments_json),
+            ok=c.outcome == inference_pb2.PARSE_OUTCOME_OK,
+            parse_error=c.parse_error,
+            raw_text=c.raw_text,
+        )
+        for c in calls
     )
 
 
@@ -276,15 +301,7 @@ class GrpcInference:
             lambda t: self._stub.CallTools(request, timeout=t), timeout_s, "the inference service"
         )
         return CallToolsResult(
-            calls=tuple(
-                EmittedCall(
-                    call=ToolCall(c.call.id, c.call.name, c.call.arguments_json),
-                    ok=c.outcome == inference_pb2.PARSE_OUTCOME_OK,
-                    parse_error=c.parse_error,
-                    raw_text=c.raw_text,
-                )
-                for c in response.calls
-            ),
+            calls=emitted_from_proto(response.calls),
             stats=GenerationStats(
                 lane=response.lane.lane,
                 model=response.lane.model,
@@ -294,26 +311,33 @@ class GrpcInference:
             ),
         )
 
-    async def compose(
+    async def answer(
         self,
         messages: Sequence[Message],
         tools: Sequence[ToolDef],
         lane: LaneRequest,
         *,
+        tool_choice: str,
+        max_calls: int,
         max_tokens: int,
         timeout_s: float,
-    ) -> AsyncGenerator[ComposeDelta | ComposeDone, None]:
+    ) -> AsyncGenerator[ComposeDelta | ToolCallsChosen | ComposeDone, None]:
+        mode = _TOOL_CHOICE.get(tool_choice)
         request = inference_pb2.StreamGenerateRequest(
             messages=[message_to_proto(m) for m in messages],
             lane=lane_to_proto(lane),
             sampling=inference_pb2.SamplingParams(max_tokens=max_tokens),
             tools=[tool_to_proto(t) for t in tools],
+            tool_choice=inference_pb2.ToolChoice(mode=mode) if mode else None,
+            max_calls=max_calls if mode else 0,
         )
         call = self._stub.StreamGenerate(request, timeout=timeout_s)
         try:
             async for response in call:
                 if response.HasField("summary"):
                     yield ComposeDone(_generation_stats(response.summary))
+                elif response.HasField("tool_calls"):
+                    yield ToolCallsChosen(emitted_from_proto(response.tool_calls.calls))
                 elif response.text_delta:
                     yield ComposeDelta(response.text_delta)
         except grpc.aio.AioRpcError as error:
@@ -321,6 +345,38 @@ class GrpcInference:
         finally:
             # A no-op once the stream ended; aborts the engine request otherwise.
             call.cancel()
+
+    async def count_tokens(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDef],
+        lane: LaneRequest,
+        *,
+        texts: Sequence[str] = (),
+        truncate_to: int = 0,
+        timeout_s: float,
+    ) -> TokenCount:
+        request = inference_pb2.CountTokensRequest(
+            messages=[message_to_proto(m) for m in messages],
+            tools=[tool_to_proto(t) for t in tools],
+            lane=lane_to_proto(lane),
+            texts=list(texts),
+            truncate_texts_to=truncate_to,
+        )
+        response: inference_pb2.CountTokensResponse = await _unary(
+            lambda t: self._stub.CountTokens(request, timeout=t),
+            timeout_s,
+            "the inference service",
+        )
+        return TokenCount(
+            prompt_tokens=response.prompt_tokens,
+            max_model_len=response.max_model_len,
+            message_tokens=tuple(response.message_tokens),
+            text_tokens=tuple(t.tokens for t in response.texts),
+            truncated_texts=tuple(
+                t.truncated_text if t.truncated else None for t in response.texts
+            ),
+        )
 
 
 class GrpcTools:
@@ -338,7 +394,11 @@ class GrpcTools:
         return [tool_from_proto(t) for t in response.tools]
 
     async def execute(
-        self, invocations: Sequence[ToolInvocation], *, timeout_s: float
+        self,
+        invocations: Sequence[ToolInvocation],
+        *,
+        principal: Principal,
+        timeout_s: float,
     ) -> list[ToolOutcome]:
         request = tools_pb2.ExecuteToolsRequest(
             invocations=[
@@ -353,7 +413,11 @@ class GrpcTools:
             ]
         )
         response: tools_pb2.ExecuteToolsResponse = await _unary(
-            lambda t: self._stub.ExecuteTools(request, timeout=t), timeout_s, "the tool service"
+            lambda t: self._stub.ExecuteTools(
+                request, timeout=t, metadata=((PRINCIPAL_HEADER, principal.header()),)
+            ),
+            timeout_s,
+            "the tool service",
         )
         return [
             ToolOutcome(

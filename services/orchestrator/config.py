@@ -12,19 +12,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.orchestrator.loop.policy import AgentProfile, Caps
+from services.orchestrator.loop.policy import AgentProfile, Caps, Ceilings
 from shared.config import ClientSettings, RequestLimits, ServiceSettings
-
-REFERENCE_READ_TOOLS = ["crm_lookup", "kb_search", "billing_lookup"]
-
-
-def _reference_profile() -> AgentProfile:
-    """The seed's customer-success agent: every turn's first round fires CRM + KB + billing."""
-    return AgentProfile(
-        min_tools_first_round=3,
-        required_first_round_tools=list(REFERENCE_READ_TOOLS),
-        preferred_tools=list(REFERENCE_READ_TOOLS),
-    )
 
 
 class OrchestratorLimits(RequestLimits):
@@ -38,17 +27,6 @@ class OrchestratorLimits(RequestLimits):
     max_customer_id_chars: int = Field(default=128, ge=1)
     max_lane_chars: int = Field(default=64, ge=1)
     max_action_id_chars: int = Field(default=128, ge=1)
-
-
-def _caps_ceiling() -> Caps:
-    """The most an `agent:admin` caller may raise a session's caps to."""
-    return Caps(
-        max_tool_calls_per_turn=20,
-        max_tool_calls_per_task=200,
-        max_rounds_per_turn=8,
-        turn_budget_s=600.0,
-        task_budget_s=3600.0,
-    )
 
 
 class OrchestratorSettings(ServiceSettings):
@@ -70,12 +48,14 @@ class OrchestratorSettings(ServiceSettings):
     # Table / key prefix, so several deployments can share one database.
     session_store_prefix: str = "agentmesh_"
 
-    # Defaults of every new session; CreateSession may override any field.
+    # Defaults of every new session; CreateSession may override any field up to `ceilings`.
     caps: Caps = Field(default_factory=Caps)
-    profile: AgentProfile = Field(default_factory=_reference_profile)
     # CreateSession.budget above `caps` needs the agent:admin scope (when auth is on) and
-    # never goes above this ceiling (a field below `caps` counts as `caps`).
-    caps_ceiling: Caps = Field(default_factory=_caps_ceiling)
+    # never goes above `ceilings.caps`; RunTurn.lane only among `ceilings.forceable_lanes`.
+    ceilings: Ceilings = Field(default_factory=Ceilings)
+    # The seed's customer-success agent: the plan picks the tools, the reference reads
+    # (crm_lookup, kb_search, billing_lookup) are its default.
+    profile: AgentProfile = Field(default_factory=AgentProfile)
     limits: OrchestratorLimits = Field(default_factory=OrchestratorLimits)
 
     # A turn's lease in the store lives turn_budget_s + this; a dead replica's lease expires.

@@ -78,9 +78,10 @@ class OrchestratorService:
             runner,
             tools,
             settings.caps,
+            ceilings=settings.ceilings,
             lease_margin_s=settings.lease_margin_s,
         )
-        access = SessionAccess(settings.caps, settings.caps_ceiling)
+        access = SessionAccess(settings.caps, settings.ceilings.caps)
         self._servicer = AgentServicer(self.agent, self.metrics, access)
         orchestrator_pb2_grpc.add_AgentServiceServicer_to_server(self._servicer, server)
 

@@ -17,6 +17,7 @@ from services.orchestrator.agent import Agent
 from services.orchestrator.clients import message_to_proto
 from services.orchestrator.loop import events as ev
 from services.orchestrator.loop.policy import Caps
+from services.orchestrator.loop.types import Action, ActionState
 from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.sessions.base import SessionRecord, SessionState
 from shared.deadlines import current_deadline
@@ -26,6 +27,15 @@ _OUTCOMES = {
     ev.Outcome.COMPLETED: pb.TURN_OUTCOME_COMPLETED,
     ev.Outcome.BUDGET_EXHAUSTED: pb.TURN_OUTCOME_BUDGET_EXHAUSTED,
     ev.Outcome.FAILED: pb.TURN_OUTCOME_FAILED,
+    ev.Outcome.AWAITING_CONFIRMATION: pb.TURN_OUTCOME_AWAITING_CONFIRMATION,
+}
+_ACTION_STATES = {
+    ActionState.PENDING: pb.ACTION_STATE_PENDING,
+    ActionState.EXECUTING: pb.ACTION_STATE_EXECUTING,
+    ActionState.EXECUTED: pb.ACTION_STATE_EXECUTED,
+    ActionState.REJECTED: pb.ACTION_STATE_REJECTED,
+    ActionState.EXPIRED: pb.ACTION_STATE_EXPIRED,
+    ActionState.FAILED: pb.ACTION_STATE_FAILED,
 }
 _KINDS = {
     ev.EscalationKind.REPROMPT_WITH_SCHEMA: pb.Escalation.KIND_REPROMPT_WITH_SCHEMA,
@@ -70,6 +80,24 @@ def budget_overrides(budget: pb.Budget) -> dict[str, Any]:
     }
 
 
+def action_to_proto(action: Action) -> pb.Action:
+    return pb.Action(
+        action_id=action.action_id,
+        tool=action.tool,
+        arguments_json=action.arguments_json,
+        summary=action.summary,
+        amount_cents=action.amount_cents,
+        currency=action.currency,
+        state=_ACTION_STATES[action.state],
+        turn_index=action.turn_index,
+        created_at=timestamp(action.created_at),
+        expires_at=timestamp(action.expires_at),
+        resolved_at=timestamp(action.resolved_at) if action.resolved_at else None,
+        result_json=action.result_json,
+        error_message=action.error_message,
+    )
+
+
 def session_to_proto(record: SessionRecord) -> pb.Session:
     return pb.Session(
         session_id=record.session_id,
@@ -85,6 +113,7 @@ def session_to_proto(record: SessionRecord) -> pb.Session:
         updated_at=timestamp(record.updated_at),
         messages=[message_to_proto(m) for m in record.messages],
         metadata=record.metadata,
+        actions=[action_to_proto(a) for a in record.actions],
     )
 
 
@@ -101,6 +130,7 @@ def event_to_proto(event: ev.TurnEvent) -> pb.RunTurnResponse | None:
                 chosen_tools=list(event.chosen_tools),
                 lane=event.lane,
                 round=event.round,
+                calls=[pb.PlannedCall(tool=c.tool, intent=c.intent) for c in event.calls],
             )
         )
     if isinstance(event, ev.ToolCallStarted):
@@ -133,6 +163,14 @@ def event_to_proto(event: ev.TurnEvent) -> pb.RunTurnResponse | None:
                 to_lane=event.to_lane,
                 reason=event.reason,
             )
+        )
+    if isinstance(event, ev.ActionProposed):
+        return pb.RunTurnResponse(
+            action_proposed=pb.ActionProposed(action=action_to_proto(event.action))
+        )
+    if isinstance(event, ev.ActionResolved):
+        return pb.RunTurnResponse(
+            action_resolved=pb.ActionResolved(action=action_to_proto(event.action))
         )
     if isinstance(event, ev.ComposeText):
         return pb.RunTurnResponse(compose_delta=pb.ComposeDelta(text=event.text))
@@ -169,6 +207,7 @@ def event_to_proto(event: ev.TurnEvent) -> pb.RunTurnResponse | None:
                 tool_calls=event.tool_calls,
                 task_tool_calls=event.task_tool_calls,
                 notes=list(event.notes),
+                llm_stages=event.llm_stages,
             )
         )
     return None
@@ -229,6 +268,8 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):  # type: ignore
             request.session_id,
             request.user_message,
             lane=request.lane,
+            confirm_action_id=request.confirm_action_id,
+            reject_action_id=request.reject_action_id,
             deadline=current_deadline(),
         )
         async with aclosing(turn) as events:

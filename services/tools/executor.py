@@ -1,8 +1,11 @@
-"""Runs tool calls: validation, per-call deadlines, concurrency, output shaping, metrics.
+"""Runs tool calls: principal binding, validation, per-call deadlines, concurrency, output
+shaping, metrics.
 
-Every call gets its own deadline, the earliest of the tool's timeout, the invocation's
-``timeout_ms`` and the RPC deadline; a batch runs all calls concurrently and one failing
-call never fails the others: each gets its own status.
+Every call runs for a :class:`Principal` the caller passes in: :func:`bind_principal`
+refuses tools an anonymous principal may not use and fills (or checks) the principal-bound
+arguments before the schema is validated. Every call gets its own deadline, the earliest of
+the tool's timeout, the invocation's ``timeout_ms`` and the RPC deadline; a batch runs all
+calls concurrently and one failing call never fails the others: each gets its own status.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import jsonschema
 from jsonschema import Draft202012Validator
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from services.tools.output import fence, shape_output
+from services.tools.output import DEFAULT_MAX_OUTPUT_TOKENS, fence, shape_output
+from services.tools.principal import Principal
 from services.tools.registry import Effect, Registry, ToolDefinition
 from shared.deadlines import Deadline, current_deadline
 from shared.errors import (
@@ -30,6 +34,7 @@ from shared.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unavailable,
 )
 
@@ -45,6 +50,7 @@ class CallStatus(enum.Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
     CANCELLED = "cancelled"
+    PERMISSION_DENIED = "permission_denied"
 
 
 _STATUS_OF: list[tuple[type[AgentmeshError], CallStatus]] = [
@@ -54,6 +60,7 @@ _STATUS_OF: list[tuple[type[AgentmeshError], CallStatus]] = [
     (Unavailable, CallStatus.UNAVAILABLE),
     (DeadlineExceeded, CallStatus.DEADLINE_EXCEEDED),
     (Cancelled, CallStatus.CANCELLED),
+    (PermissionDenied, CallStatus.PERMISSION_DENIED),
 ]
 
 
@@ -73,6 +80,7 @@ class CallContext:
     call_id: str
     idempotency_key: str
     deadline: Deadline
+    principal: Principal
 
 
 @dataclass(frozen=True)
@@ -144,7 +152,7 @@ class ToolExecutor:
         handlers: Mapping[str, ToolHandler],
         *,
         metrics: ToolMetrics,
-        max_output_tokens: int = 1000,
+        max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
         sources: Mapping[str, str] | None = None,
     ) -> None:
         missing = set(registry.names()) - set(handlers)
@@ -155,7 +163,7 @@ class ToolExecutor:
         self._metrics = metrics
         self._max_tokens = max_output_tokens
         # The adapter behind each tool ("billing:http"), shown even when a call fails.
-        self._sources = {t.name: t.source_kind for t in registry} | dict(sources or {})
+        self._sources = {t.name: (sources or {}).get(t.name, t.source_kind) for t in registry}
         self._validators = {tool.name: Draft202012Validator(tool.parameters) for tool in registry}
 
     @property
@@ -163,14 +171,22 @@ class ToolExecutor:
         return self._registry
 
     async def execute_many(
-        self, invocations: Sequence[Invocation], rpc_deadline: Deadline | None = None
+        self,
+        invocations: Sequence[Invocation],
+        principal: Principal,
+        rpc_deadline: Deadline | None = None,
     ) -> list[CallResult]:
-        """All calls concurrently; results in the invocations' order."""
+        """All calls concurrently, all for ``principal``; results in the invocations' order."""
         deadline = rpc_deadline or current_deadline()
-        return list(await asyncio.gather(*(self.execute(inv, deadline) for inv in invocations)))
+        return list(
+            await asyncio.gather(*(self.execute(inv, principal, deadline) for inv in invocations))
+        )
 
     async def execute(
-        self, invocation: Invocation, rpc_deadline: Deadline | None = None
+        self,
+        invocation: Invocation,
+        principal: Principal,
+        rpc_deadline: Deadline | None = None,
     ) -> CallResult:
         """One call; never raises for the call's own failure (see ``CallResult.status``)."""
         started_wall = time.time()
@@ -187,12 +203,14 @@ class ToolExecutor:
         try:
             if tool is None:
                 raise NotFound(f"no tool named {invocation.name!r}", reason="UNKNOWN_TOOL")
-            arguments = self._validate(tool, invocation)
+            arguments = self._validate(tool, invocation, principal)
             deadline = Deadline.after(tool.timeout_ms / 1000)
             if invocation.timeout_ms:
                 deadline = deadline.within(invocation.timeout_ms / 1000)
             deadline = deadline.earliest(rpc_deadline or current_deadline())
-            context = CallContext(invocation.call_id, invocation.idempotency_key, deadline)
+            context = CallContext(
+                invocation.call_id, invocation.idempotency_key, deadline, principal
+            )
             remaining = deadline.time_remaining()
             if remaining <= 0:
                 raise DeadlineExceeded("no time left for this call")
@@ -237,14 +255,17 @@ class ToolExecutor:
         self._metrics.latency.labels(label).observe(result.latency_s)
         return result
 
-    def _validate(self, tool: ToolDefinition, invocation: Invocation) -> dict[str, Any]:
+    def _validate(
+        self, tool: ToolDefinition, invocation: Invocation, principal: Principal
+    ) -> dict[str, Any]:
         raw = invocation.arguments_json.strip() or "{}"
         try:
-            arguments = json.loads(raw)
+            parsed = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise InvalidArgument("arguments_json", "is not valid JSON") from exc
-        if not isinstance(arguments, dict):
+        if not isinstance(parsed, dict):
             raise InvalidArgument("arguments_json", "must be a JSON object")
+        arguments = bind_principal(tool, parsed, principal)
         error = jsonschema.exceptions.best_match(self._validators[tool.name].iter_errors(arguments))
         if error is not None:
             raise InvalidArgument(_field_of(error), _describe(error))
@@ -255,6 +276,28 @@ class ToolExecutor:
         if len(invocation.idempotency_key) > 200:
             raise InvalidArgument("idempotency_key", "must be at most 200 characters")
         return arguments
+
+
+def bind_principal(
+    tool: ToolDefinition, arguments: Mapping[str, Any], principal: Principal
+) -> dict[str, Any]:
+    """The arguments with every principal-bound one set to the principal's own value.
+
+    An anonymous principal may not use a tool that requires a customer. A bound argument
+    the caller left out is filled in; one that names someone else is NOT_FOUND with the
+    same words whether or not that record exists, so nothing about it leaks.
+    """
+    if tool.requires_customer and principal.is_anonymous:
+        raise PermissionDenied("this tool needs a signed-in customer")
+    bound = dict(arguments)
+    for name in tool.principal_arguments:
+        value = principal.bound_value(name)
+        if value is None:  # a principal with nothing to bind is never trusted with the tool
+            raise PermissionDenied(f"this tool needs a principal that binds {name}")
+        if name in bound and bound[name] != value:
+            raise NotFound(f"nothing found for that {name}")
+        bound[name] = value
+    return bound
 
 
 def _status_of(error: AgentmeshError) -> CallStatus:
@@ -293,8 +336,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         "minimum": f"must be >= {error.validator_value}",
         "maximum": f"must be <= {error.validator_value}",
         "exclusiveMinimum": f"must be > {error.validator_value}",
-        "minProperties": "needs at least one of the lookup keys",
-        "maxProperties": "give only one of the lookup keys",
+        "minProperties": f"needs at least {error.validator_value} arguments",
+        "maxProperties": f"takes at most {error.validator_value} arguments",
         "enum": f"must be one of {error.validator_value}",
     }
     return messages.get(str(error.validator), "is invalid")

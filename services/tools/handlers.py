@@ -1,7 +1,8 @@
 """The tool handlers: validated arguments in, adapter calls out.
 
 Bound to the adapters they use (constructor injection), so tests swap in fakes and
-deployments swap backends without touching the registry.
+deployments swap backends without touching the registry. Principal-bound arguments (the
+``customer_id`` of CRM and billing tools) arrive already filled and checked by the executor.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Toolbox:
     def handlers(self) -> dict[str, ToolHandler]:
         return {
             "crm_lookup": self.crm_lookup,
+            "crm_find_customer": self.crm_find_customer,
             "kb_search": self.kb_search,
             "billing_lookup": self.billing_lookup,
             "billing_refund": self.billing_refund,
@@ -45,6 +47,7 @@ class Toolbox:
     def sources(self) -> dict[str, str]:
         return {
             "crm_lookup": self._crm.source,
+            "crm_find_customer": self._crm.source,
             "kb_search": self._kb.source,
             "billing_lookup": self._billing.source,
             "billing_refund": self._billing.source,
@@ -52,8 +55,14 @@ class Toolbox:
         }
 
     async def crm_lookup(self, args: dict[str, Any], ctx: CallContext) -> ToolOutput:
-        data = await self._crm.lookup(
-            customer_id=args.get("customer_id"), email=args.get("email"), name=args.get("name")
+        data = await self._crm.lookup(str(args["customer_id"]))
+        return ToolOutput(data, self._crm.source)
+
+    async def crm_find_customer(self, args: dict[str, Any], ctx: CallContext) -> ToolOutput:
+        # A bound principal only ever finds itself; an anonymous one (where the deployment
+        # registered this tool at all) finds whoever owns the e-mail.
+        data = await self._crm.find_by_email(
+            str(args["email"]), customer_id=ctx.principal.customer_id
         )
         return ToolOutput(data, self._crm.source)
 
@@ -71,6 +80,7 @@ class Toolbox:
 
     async def billing_refund(self, args: dict[str, Any], ctx: CallContext) -> ToolOutput:
         outcome = await self._billing.refund(
+            customer_id=str(args["customer_id"]),
             invoice_id=str(args["invoice_id"]),
             amount_cents=to_cents(args["amount"]),
             reason=str(args["reason"]),

@@ -1,8 +1,12 @@
 """Tool output shaping: token estimate, truncation with a visible marker, source fencing.
 
+The cut here is a transport ceiling (:data:`DEFAULT_MAX_OUTPUT_TOKENS`), not the model's
+budget: the orchestrator truncates once more, in the real tokens of the lane that reads the
+result. This cut only keeps a runaway result from crossing the mesh.
+
 The token estimator is deliberately conservative (it over-counts compared with the BPE
-tokenizers of the served models) so that a result we call "under 1,000 tokens" is under
-1,000 for the model too, without loading a tokenizer or downloading anything:
+tokenizers of the served models) so that a result we call "under N tokens" is under N for
+the model too, without loading a tokenizer or downloading anything:
 
 * each run of letters counts ceil(len / 4) tokens, at least 1 (BPE averages ~4.5 chars);
 * each digit counts 1 token (several tokenizers split numbers into single digits);
@@ -22,6 +26,8 @@ from typing import Any
 _PIECES = re.compile(r"[^\W\d_]+|\d|\n|[^\w\s]|_")
 
 TRUNCATION_KEY = "_truncated"
+# Estimated tokens above which the tools service cuts a result (a transport ceiling).
+DEFAULT_MAX_OUTPUT_TOKENS = 32_000
 
 
 def estimate_tokens(text: str) -> int:

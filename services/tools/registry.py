@@ -38,6 +38,20 @@ class ToolDefinition:
     effect: Effect
     timeout_ms: int
     source_kind: str
+    # Arguments the caller's principal fills (the model never chooses them), and whether an
+    # anonymous principal is refused. See :mod:`services.tools.principal`.
+    principal_arguments: tuple[str, ...] = ()
+    requires_customer: bool = False
+
+    def __post_init__(self) -> None:
+        # Principal-bound arguments are schema properties of a tool that requires a
+        # customer: an anonymous principal has nothing to fill them with.
+        properties = self.parameters.get("properties", {})
+        unknown = [a for a in self.principal_arguments if a not in properties]
+        if unknown:
+            raise ValueError(f"{self.name}: principal arguments {unknown} are not properties")
+        if self.principal_arguments and not self.requires_customer:
+            raise ValueError(f"{self.name}: principal-bound arguments need requires_customer")
 
     @property
     def parameters(self) -> dict[str, Any]:
@@ -53,6 +67,8 @@ def define(
     effect: Effect,
     timeout_ms: int,
     source_kind: str,
+    principal_arguments: tuple[str, ...] = (),
+    requires_customer: bool = False,
 ) -> ToolDefinition:
     return ToolDefinition(
         name=name,
@@ -61,6 +77,8 @@ def define(
         effect=effect,
         timeout_ms=timeout_ms,
         source_kind=source_kind,
+        principal_arguments=tuple(principal_arguments),
+        requires_customer=requires_customer,
     )
 
 
@@ -85,6 +103,8 @@ class Registry:
                     "parameters": json.loads(t.parameters_json),
                     "effect": t.effect.value,
                     "timeout_ms": t.timeout_ms,
+                    "principal_arguments": list(t.principal_arguments),
+                    "requires_customer": t.requires_customer,
                 }
                 for t in ordered
             ]
@@ -112,7 +132,8 @@ class Registry:
         return list(self._tools)
 
 
-_CUSTOMER_ID = {"type": "string", "pattern": "^CUST-[0-9]{4,}$", "description": "e.g. CUST-0042"}
+_CUSTOMER_ID = {"type": "string", "pattern": "^CUST-[0-9]{4,8}$", "description": "e.g. CUST-0042"}
+_INVOICE_ID = {"type": "string", "pattern": "^INV-[0-9]{5,8}$"}
 _AMOUNT = {
     "type": "number",
     "exclusiveMinimum": 0,
@@ -120,21 +141,38 @@ _AMOUNT = {
     "description": "In the invoice's currency units, e.g. 49.00",
 }
 _REASON = {"type": "string", "minLength": 3, "maxLength": 500}
+# The signed-in customer's own id: filled from the principal, never chosen by the model.
+_BOUND_CUSTOMER = ("customer_id",)
 
 CRM_LOOKUP = define(
     "crm_lookup",
-    """Look up one customer in the CRM by customer_id, email or name (give exactly one).
-    Returns the profile, account (plan, status), contacts, open tickets and recent
-    interactions. A name matching several customers returns the candidates instead.""",
+    """The signed-in customer's CRM record: profile, account (plan, status), contacts,
+    open tickets and recent interactions.""",
+    {
+        "type": "object",
+        "properties": {"customer_id": _CUSTOMER_ID},
+        "required": ["customer_id"],
+        "additionalProperties": False,
+    },
+    effect=Effect.READ,
+    timeout_ms=2000,
+    source_kind="crm",
+    principal_arguments=_BOUND_CUSTOMER,
+    requires_customer=True,
+)
+
+# Only registered where the deployment trusts its caller to identify customers by e-mail
+# (``ToolsSettings.allow_email_lookup``); a bound principal only ever finds itself.
+CRM_FIND_CUSTOMER = define(
+    "crm_find_customer",
+    """Find a customer's CRM record by e-mail address. Returns the same profile as
+    crm_lookup.""",
     {
         "type": "object",
         "properties": {
-            "customer_id": _CUSTOMER_ID,
             "email": {"type": "string", "minLength": 3, "maxLength": 254, "pattern": "@"},
-            "name": {"type": "string", "minLength": 2, "maxLength": 120},
         },
-        "minProperties": 1,
-        "maxProperties": 1,
+        "required": ["email"],
         "additionalProperties": False,
     },
     effect=Effect.READ,
@@ -149,7 +187,7 @@ KB_SEARCH = define(
     {
         "type": "object",
         "properties": {
-            "query": {"type": "string", "minLength": 2, "maxLength": 500},
+            "query": {"type": "string", "minLength": 2, "maxLength": 200},
             "top_k": {"type": "integer", "minimum": 1, "maximum": 10, "default": 3},
         },
         "required": ["query"],
@@ -162,14 +200,14 @@ KB_SEARCH = define(
 
 BILLING_LOOKUP = define(
     "billing_lookup",
-    """Billing state of one customer: subscription (plan, price, recent plan change),
-    credit balance, recent invoices with their payments (failed payments and double
-    charges are flagged). Give invoice_id to focus on one invoice.""",
+    """Billing state of the signed-in customer: subscription (plan, price, recent plan
+    change), credit balance, recent invoices with their payments (failed payments and
+    double charges are flagged). Give invoice_id to focus on one invoice.""",
     {
         "type": "object",
         "properties": {
             "customer_id": _CUSTOMER_ID,
-            "invoice_id": {"type": "string", "pattern": "^INV-[0-9]{5,}$"},
+            "invoice_id": _INVOICE_ID,
             "limit": {"type": "integer", "minimum": 1, "maximum": 24, "default": 6},
         },
         "required": ["customer_id"],
@@ -178,26 +216,32 @@ BILLING_LOOKUP = define(
     effect=Effect.READ,
     timeout_ms=2000,
     source_kind="billing",
+    principal_arguments=_BOUND_CUSTOMER,
+    requires_customer=True,
 )
 
 BILLING_REFUND = define(
     "billing_refund",
-    """WRITE: refund part or all of a paid invoice to the original payment method.
-    Only when the user asked for it. Cannot exceed what was paid and not yet refunded.
-    Needs an idempotency key; a retry with the same key returns the first result.""",
+    """WRITE: refund part or all of one of the customer's paid invoices to the original
+    payment method. Only when the user asked for it. Cannot exceed what was paid and not
+    yet refunded. Needs an idempotency key; a retry with the same key returns the first
+    result.""",
     {
         "type": "object",
         "properties": {
-            "invoice_id": {"type": "string", "pattern": "^INV-[0-9]{5,}$"},
+            "customer_id": _CUSTOMER_ID,
+            "invoice_id": _INVOICE_ID,
             "amount": _AMOUNT,
             "reason": _REASON,
         },
-        "required": ["invoice_id", "amount", "reason"],
+        "required": ["customer_id", "invoice_id", "amount", "reason"],
         "additionalProperties": False,
     },
     effect=Effect.WRITE,
     timeout_ms=5000,
     source_kind="billing",
+    principal_arguments=_BOUND_CUSTOMER,
+    requires_customer=True,
 )
 
 BILLING_CREDIT = define(
@@ -218,9 +262,17 @@ BILLING_CREDIT = define(
     effect=Effect.WRITE,
     timeout_ms=5000,
     source_kind="billing",
+    principal_arguments=_BOUND_CUSTOMER,
+    requires_customer=True,
 )
 
 
-def default_registry() -> Registry:
-    """The registry every tool-service process of this build serves."""
-    return Registry((CRM_LOOKUP, KB_SEARCH, BILLING_LOOKUP, BILLING_REFUND, BILLING_CREDIT))
+def default_registry(*, allow_email_lookup: bool = False) -> Registry:
+    """The registry every tool-service process of this build serves.
+
+    ``allow_email_lookup`` adds ``crm_find_customer`` (see ``ToolsSettings``).
+    """
+    tools = [CRM_LOOKUP, KB_SEARCH, BILLING_LOOKUP, BILLING_REFUND, BILLING_CREDIT]
+    if allow_email_lookup:
+        tools.append(CRM_FIND_CUSTOMER)
+    return Registry(tuple(tools))

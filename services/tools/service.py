@@ -17,6 +17,7 @@ from services.tools.backends import Backends, open_backends
 from services.tools.config import ToolsSettings
 from services.tools.executor import CallResult, CallStatus, Invocation, ToolExecutor, ToolMetrics
 from services.tools.handlers import Toolbox
+from services.tools.principal import Principal
 from services.tools.registry import Effect, Registry, default_registry
 from services.tools.request_checks import tools_request_checks
 from shared.errors import InvalidArgument, Unavailable
@@ -37,6 +38,7 @@ _STATUS_PB = {
     CallStatus.DEADLINE_EXCEEDED: tools_pb2.TOOL_RESULT_STATUS_DEADLINE_EXCEEDED,
     CallStatus.INTERNAL: tools_pb2.TOOL_RESULT_STATUS_INTERNAL,
     CallStatus.CANCELLED: tools_pb2.TOOL_RESULT_STATUS_CANCELLED,
+    CallStatus.PERMISSION_DENIED: tools_pb2.TOOL_RESULT_STATUS_PERMISSION_DENIED,
 }
 _EFFECT_PB = {
     Effect.READ: common_pb2.TOOL_EFFECT_READ,
@@ -52,6 +54,8 @@ def spec_to_pb(registry: Registry) -> list[common_pb2.ToolSpec]:
             parameters_json_schema=tool.parameters_json,
             effect=_EFFECT_PB[tool.effect],
             timeout_ms=tool.timeout_ms,
+            principal_arguments=list(tool.principal_arguments),
+            requires_customer=tool.requires_customer,
         )
         for tool in registry
     ]
@@ -106,9 +110,12 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):  # type: ignore[misc]
     async def ExecuteTool(
         self, request: tools_pb2.ExecuteToolRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tools_pb2.ExecuteToolResponse:
+        principal = Principal.from_metadata(context.invocation_metadata())
         if not request.HasField("invocation"):
             raise InvalidArgument("invocation", "is required")
-        result = await self._service.executor().execute(invocation_from_pb(request.invocation))
+        result = await self._service.executor().execute(
+            invocation_from_pb(request.invocation), principal
+        )
         if result.error is not None:
             raise result.error
         if result.status is not CallStatus.OK:
@@ -118,10 +125,11 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):  # type: ignore[misc]
     async def ExecuteTools(
         self, request: tools_pb2.ExecuteToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tools_pb2.ExecuteToolsResponse:
+        principal = Principal.from_metadata(context.invocation_metadata())
         if len(request.invocations) > MAX_BATCH:
             raise InvalidArgument("invocations", f"at most {MAX_BATCH} calls per batch")
         results = await self._service.executor().execute_many(
-            [invocation_from_pb(inv) for inv in request.invocations]
+            [invocation_from_pb(inv) for inv in request.invocations], principal
         )
         return tools_pb2.ExecuteToolsResponse(results=[result_to_pb(r) for r in results])
 
@@ -147,7 +155,7 @@ class ToolsService:
     ) -> None:
         self.settings = settings
         self.metrics_registry = metrics_registry or CollectorRegistry()
-        self.registry = registry or default_registry()
+        self.registry = registry or default_registry(allow_email_lookup=settings.allow_email_lookup)
         self._metrics = ToolMetrics(self.metrics_registry)
         self._backends = backends
         self._owns_backends = backends is None

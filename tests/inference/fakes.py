@@ -11,7 +11,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
+from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
+
+from services.inference.config import InferenceSettings, LanesConfig
+from services.inference.dtype import DtypeChoice, MachineFacts, choose_dtype
 from services.inference.engine import Delta, EngineDead, GenParams
+from services.inference.service import InferenceService
+from shared.server import GrpcServer
 
 Script = Callable[[list[int], GenParams], str]
 
@@ -34,14 +41,24 @@ class FakeEngine:
     requests: list[tuple[list[int], GenParams]] = field(default_factory=list)
     # Set while a request is between deltas (tests wait on it).
     in_generation: asyncio.Event = field(default_factory=asyncio.Event)
+    # When set: every delta after the first waits for this event (a test reads the first
+    # delta while the generation is provably still running).
+    hold_after_first: asyncio.Event | None = None
+    # The machine the fake "starts" on (its dtype is chosen for it like a real engine's).
+    machine: MachineFacts = field(default_factory=lambda: MachineFacts("cpu"))
+    dtype_choice: DtypeChoice | None = None
 
     async def start(self) -> None:
         if self.fail_start:
             raise RuntimeError("fake start failure")
+        self.dtype_choice = choose_dtype(self.engine_args.get("dtype"), self.machine)
         self.started = True
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return "".join(chr(i) for i in token_ids)
 
     async def generate(
         self, prompt_token_ids: list[int], params: GenParams, request_id: str
@@ -62,6 +79,8 @@ class FakeEngine:
                 self.in_generation.set()
                 if self.step_s:
                     await asyncio.sleep(self.step_s)
+                if i and self.hold_after_first is not None:
+                    await self.hold_after_first.wait()
                 if self.dead:
                     raise EngineDead("fake engine died")
                 last = i == len(chunks) - 1
@@ -108,3 +127,35 @@ class FakeEngineFactory:
         engine.max_model_len = int(engine_args.get("max_model_len", 4096))
         self.made.append(engine)
         return engine
+
+
+@dataclass
+class Fake:
+    """An inference server on 127.0.0.1:0 over one fake engine, and a stub to it."""
+
+    server: GrpcServer
+    stub: pb_grpc.InferenceServiceStub
+    channel: grpc.aio.Channel
+    engine: FakeEngine
+    service: InferenceService
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await self.server.stop(grace=1)
+
+
+async def start_fake(
+    factory: FakeEngineFactory, configure: Callable[[LanesConfig], None] | None = None
+) -> Fake:
+    """The embedded preset's lanes on ``factory``'s engine; ``configure`` may edit the lanes
+    before the service is built."""
+    settings = InferenceSettings(port=0, metrics_port=0, grace_seconds=1)
+    lanes = settings.load_lanes()
+    if configure is not None:
+        configure(lanes)
+    service = InferenceService(settings, lanes, engine_factory=factory)
+    server = GrpcServer(service, settings)
+    await server.start()
+    await server.wait_until_serving(10)
+    channel = grpc.aio.insecure_channel(server.address)
+    return Fake(server, pb_grpc.InferenceServiceStub(channel), channel, factory.made[0], service)

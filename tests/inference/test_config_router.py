@@ -22,6 +22,7 @@ def test_embedded_preset_has_four_lanes_on_one_engine() -> None:
     workhorse = config.lanes["workhorse"]
     assert workhorse.engine_args["enforce_eager"] is True
     assert workhorse.engine_args["enable_prefix_caching"] is True
+    assert workhorse.engine_args["dtype"] == "auto"  # chosen for the machine at start
     assert workhorse.template_path().is_file()
 
 
@@ -30,7 +31,8 @@ def test_rtx4090_preset_matches_the_seed_menu() -> None:
     lanes = config.lanes
     assert lanes["workhorse"].model == "Qwen/Qwen2.5-14B-Instruct-AWQ"
     args = lanes["workhorse"].engine_args
-    assert args["quantization"] == "awq" and args["kv_cache_dtype"] == "fp8"
+    assert args["quantization"] == "awq_marlin" and args["kv_cache_dtype"] == "fp8"
+    assert all(lane.engine_args["dtype"] == "auto" for lane in lanes.values())
     assert args["max_model_len"] == 16384 and args["max_num_seqs"] == 32
     assert args["enable_chunked_prefill"] and args["enable_prefix_caching"]
     assert args["gpu_memory_utilization"] == 0.92

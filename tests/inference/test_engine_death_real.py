@@ -39,6 +39,8 @@ def _engine_cores() -> set[int]:
     }
 
 
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.usefixtures("without_shared_engine")
 async def test_killed_engine_flips_health_and_calls_fail_fast() -> None:
     settings = load_settings(
         InferenceSettings,

@@ -216,3 +216,19 @@ def test_bad_messages() -> None:
     assert bad_args.value.field == "messages[0].tool_calls[0].arguments_json"
     with pytest.raises(InvalidArgument):
         messages_to_dicts([common_pb2.ChatMessage(content="no role")])
+
+
+def test_answer_or_calls_grammar_is_text_without_the_opener_or_valid_calls() -> None:
+    g = GrammarBuilder().answer_or_calls(TOOLS, HERMES, 2)
+    one = '<tool_call>\n{"name":"crm_lookup","arguments":{"customer_id":"C-1"}}\n</tool_call>'
+    assert accepts(g, one) and accepts(g, one + "\n" + one)
+    assert not accepts(g, "\n".join([one] * 3))  # max_calls
+    assert not accepts(g, one.replace('"C-1"', "1"))  # schema
+    for text in ["Your invoice is paid.", "a < b and <b>bold</b>", "<tool_cal>", "", "<tool_"]:
+        assert accepts(g, text), text
+    for text in [" " + one, "Let me check. <tool_call>", "<<tool_call>", "x<tool_call>\n{}"]:
+        assert not accepts(g, text), text
+    llama = GrammarBuilder().answer_or_calls(TOOLS, LLAMA, 5)
+    call = '{"name":"crm_lookup","parameters":{"customer_id":"C-1"}}'
+    assert accepts(llama, call) and not accepts(llama, call + call)  # one call per generation
+    assert accepts(llama, "Sure {x}") and not accepts(llama, '  {"name":"x"}')

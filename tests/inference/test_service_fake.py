@@ -9,22 +9,19 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 import pytest
 from agentmesh.common.v1 import common_pb2
 from agentmesh.inference.v1 import inference_pb2 as pb
-from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from services.inference.config import InferenceSettings
+from services.inference.config import LanesConfig
 from services.inference.engine import GenParams
-from services.inference.service import SERVICE_NAME, InferenceService, lane_health_name
-from shared.server import GrpcServer
-from tests.inference.fakes import FakeEngine, FakeEngineFactory
+from services.inference.service import SERVICE_NAME, lane_health_name
+from tests.inference.fakes import Fake, FakeEngineFactory, start_fake
 
 LOOKUP = {
     "type": "object",
@@ -42,25 +39,11 @@ def user(text: str) -> list[common_pb2.ChatMessage]:
     return [common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=text)]
 
 
-@dataclass
-class Fake:
-    server: GrpcServer
-    stub: pb_grpc.InferenceServiceStub
-    channel: grpc.aio.Channel
-    engine: FakeEngine
-    service: InferenceService
-
-
 async def _start(factory: FakeEngineFactory, speed_cap: int = 32) -> Fake:
-    settings = InferenceSettings(port=0, metrics_port=0, grace_seconds=1)
-    lanes = settings.load_lanes()
-    lanes.lanes["speed"].max_concurrency = speed_cap
-    service = InferenceService(settings, lanes, engine_factory=factory)
-    server = GrpcServer(service, settings)
-    await server.start()
-    await server.wait_until_serving(10)
-    channel = grpc.aio.insecure_channel(server.address)
-    return Fake(server, pb_grpc.InferenceServiceStub(channel), channel, factory.made[0], service)
+    def configure(lanes: LanesConfig) -> None:
+        lanes.lanes["speed"].max_concurrency = speed_cap
+
+    return await start_fake(factory, configure)
 
 
 @pytest.fixture

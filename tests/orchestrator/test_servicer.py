@@ -4,6 +4,8 @@ inference and tools servers: events, persistence, statuses, leases, replicas, di
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +14,13 @@ from typing import Any
 import grpc
 import pytest
 from agentmesh.common.v1 import common_pb2
+from agentmesh.inference.v1 import inference_pb2
 from agentmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from agentmesh.orchestrator.v1 import orchestrator_pb2_grpc
 from google.protobuf import duration_pb2
 
 from services.orchestrator.config import OrchestratorSettings
+from services.orchestrator.loop.context import CUT_MARKER
 from services.orchestrator.loop.policy import Caps
 from services.orchestrator.service import OrchestratorService
 from shared.server import GrpcServer
@@ -92,9 +96,20 @@ async def create(stub: Any, **kw: Any) -> pb.Session:
     return response.session  # type: ignore[no-any-return]
 
 
-async def turn(stub: Any, session_id: str, text: str, **kw: Any) -> list[pb.RunTurnResponse]:
-    call = stub.RunTurn(pb.RunTurnRequest(session_id=session_id, user_message=text), **kw)
-    return [r async for r in call]
+async def turn(
+    stub: Any, session_id: str, text: str, *, timeout: float | None = None, **kw: Any
+) -> list[pb.RunTurnResponse]:
+    request = pb.RunTurnRequest(session_id=session_id, user_message=text, **kw)
+    return [r async for r in stub.RunTurn(request, timeout=timeout)]
+
+
+def _of(events: list[pb.RunTurnResponse], kind: str) -> list[Any]:
+    return [getattr(e, kind) for e in events if e.HasField(kind)]
+
+
+def _offered(mesh: Mesh, kind: str) -> list[Any]:
+    """The tools the last request of ``kind`` offered the model."""
+    return list(mesh.inference.of_kind(kind)[-1].tools)
 
 
 def kinds(events: list[pb.RunTurnResponse]) -> list[str]:
@@ -130,23 +145,40 @@ async def test_run_turn_streams_every_stage_and_persists_the_turn(stub: Any, mes
     assert names.index("tool_call_finished") < names.index("compose_delta")
     plan = events[1].plan
     assert list(plan.chosen_tools) == READS and plan.lane == "workhorse" and plan.round == 1
+    assert [(c.tool, c.intent) for c in plan.calls] == [(n, f"look up {n}") for n in READS]
     finished = [e.tool_call_finished for e in events if e.HasField("tool_call_finished")]
-    assert {f.status for f in finished} == {"OK"}
+    assert {f.status for f in finished} == {"OK"} and {f.round for f in finished} == {1}
     done = events[-1].turn_completed
     deltas = "".join(e.compose_delta.text for e in events if e.HasField("compose_delta"))
     assert done.answer == deltas == mesh.inference.answer
     assert done.outcome == pb.TURN_OUTCOME_COMPLETED
     assert done.tool_calls == 3 and done.task_tool_calls == 3
+    # plan -> one batched emission -> continue-or-answer (which answered in text).
+    assert done.llm_stages == 3
     usage = {u.lane: u for u in done.usage}
-    assert usage["workhorse"].usage.cached_prompt_tokens == 500  # two plans
-    assert usage["workhorse"].generations == 2 + 4 + 1
+    assert usage["workhorse"].usage.cached_prompt_tokens == 250  # one plan
+    assert usage["workhorse"].generations == 1 + 4 + 1
     latency = done.latency
     for stage in ("plan", "tool_emit", "tool_wall", "compose", "queue_prefill", "total"):
         assert getattr(latency, stage).ToNanoseconds() > 0, stage
-    # Engine-reported time to first token: 2 plans x 5 ms + compose 7 ms.
-    assert latency.queue_prefill.ToMilliseconds() == 17
+    # Engine-reported time to first token: plan 5 ms + answer 7 ms.
+    assert latency.queue_prefill.ToMilliseconds() == 12
     assert [i.name for i in mesh.tools.invocations] == READS
-    assert mesh.inference.kinds() == ["plan", "call_tools", "plan", "compose"]
+    # Fit the context, plan, emit, count the observations, continue-or-answer.
+    assert mesh.inference.kinds() == [
+        "count_tokens",
+        "plan",
+        "call_tools",
+        "count_tokens",
+        "answer",
+    ]
+    fit = mesh.inference.of_kind("count_tokens")[0]
+    assert fit.messages[-1].content == "Why was I charged twice?" and len(fit.tools) == 5
+    emit = mesh.inference.of_kind("call_tools")[0]
+    assert emit.parallel and emit.tool_choice.mode == inference_pb2.ToolChoice.MODE_NAMED
+    assert list(emit.tool_choice.names) == READS
+    answer = mesh.inference.of_kind("answer")[0]
+    assert answer.tool_choice.mode == inference_pb2.ToolChoice.MODE_AUTO and answer.max_calls == 2
 
     stored = (await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session
     roles = [m.role for m in stored.messages]
@@ -158,15 +190,155 @@ async def test_run_turn_streams_every_stage_and_persists_the_turn(stub: Any, mes
         common_pb2.ROLE_TOOL,
         common_pb2.ROLE_ASSISTANT,
     ]
+    assert all('trust="untrusted-data"' in m.content for m in stored.messages[2:5])
     assert stored.messages[-1].content == done.answer
     assert stored.turn_count == 1 and stored.task_tool_calls == 3
     assert stored.task_time_used.ToNanoseconds() > 0
 
-    # The second turn sees the first in its prompt.
+    # The second turn sees the first in its prompt (its answer; old tool traffic is dropped).
     await turn(stub, session.session_id, "And what about last month?")
-    compose_prompt = [r for k, r, _ in mesh.inference.requests if k == "compose"][-1]
+    compose_prompt = mesh.inference.of_kind("answer")[-1]
     contents = [m.content for m in compose_prompt.messages]
     assert "Why was I charged twice?" in contents and mesh.inference.answer in contents
+
+
+async def test_principal_arguments_are_filled_from_the_session_not_the_model(
+    stub: Any, mesh: Mesh
+) -> None:
+    """The model never sees customer_id in a schema, and what it writes there is replaced."""
+    mesh.inference.arguments["crm_lookup"] = {"customer_id": "CUST-9999"}
+    mesh.inference.arguments["billing_lookup"] = {"customer_id": "CUST-9999"}
+    session = await create(stub)
+    events = await turn(stub, session.session_id, "Who am I?")
+    assert events[-1].turn_completed.outcome == pb.TURN_OUTCOME_COMPLETED
+    offered = {t.name: json.loads(t.parameters_json_schema) for t in _offered(mesh, "call_tools")}
+    for name in ("crm_lookup", "billing_lookup"):
+        assert "customer_id" not in offered[name]["properties"]
+        assert "customer_id" not in offered[name].get("required", [])
+    for executed in mesh.tools.of_tool("crm_lookup") + mesh.tools.of_tool("billing_lookup"):
+        assert executed.args["customer_id"] == "CUST-0042"
+    started = [e.tool_call_started for e in events if e.HasField("tool_call_started")]
+    assert all("CUST-9999" not in s.arguments_json for s in started)
+    assert mesh.tools.principals == ["customer:CUST-0042"]
+
+
+async def test_an_anonymous_session_is_offered_the_knowledge_base_only(
+    stub: Any, mesh: Mesh
+) -> None:
+    mesh.inference.answer_calls = [[("crm_lookup", {"customer_id": "CUST-0042"})]]
+    session = (await stub.CreateSession(pb.CreateSessionRequest())).session
+    events = await turn(stub, session.session_id, "How do refunds work?")
+    done = events[-1].turn_completed
+    assert done.outcome == pb.TURN_OUTCOME_COMPLETED
+    for kind in ("plan", "call_tools", "answer"):
+        assert {t.name for t in _offered(mesh, kind)} == {"kb_search"}, kind
+    plan_schema = json.loads(mesh.inference.of_kind("plan")[0].response_format.json_schema)
+    assert plan_schema["properties"]["calls"]["items"]["properties"]["tool"]["enum"] == [
+        "kb_search"
+    ]
+    # The plan named crm_lookup and billing_lookup too, the answer stage crm_lookup: only the
+    # knowledge base ran, as anonymous.
+    assert [i.name for i in mesh.tools.invocations] == ["kb_search"]
+    assert mesh.tools.principals == ["anonymous"]
+    started = [e.tool_call_started.name for e in events if e.HasField("tool_call_started")]
+    assert started == ["kb_search"]
+
+
+async def test_continue_or_answer_opens_another_round_within_the_caps(
+    stub: Any, mesh: Mesh
+) -> None:
+    mesh.inference.plan_tools = ["kb_search"]
+    mesh.inference.answer_calls = [
+        [("kb_search", {"query": "refund policy"})],
+        [("kb_search", {"query": "never sent: no rounds left"})],
+    ]
+    session = await create(stub, budget=pb.Budget(max_rounds_per_turn=2))
+    events = await turn(stub, session.session_id, "What is your refund policy?")
+    finished = [e.tool_call_finished for e in events if e.HasField("tool_call_finished")]
+    assert [(f.name, f.round, f.status) for f in finished] == [
+        ("kb_search", 1, "OK"),
+        ("kb_search", 2, "OK"),
+    ]
+    assert [i.arguments_json for i in mesh.tools.invocations] == [
+        json.dumps({"query": "double charge"}, separators=(",", ":")),
+        json.dumps({"query": "refund policy"}, separators=(",", ":")),
+    ]
+    done = events[-1].turn_completed
+    assert done.answer == mesh.inference.answer and done.tool_calls == 2
+    # plan, emit, answer (chose a call), answer (text): four sequential LLM stages.
+    assert done.llm_stages == 4
+    modes = [r.HasField("tool_choice") for r in mesh.inference.of_kind("answer")]
+    # The second answer had no rounds left: text only, so the fake's queued call stayed unsent.
+    assert modes == [True, False]
+    assert len(mesh.inference.answer_calls) == 1
+
+
+async def test_a_long_message_and_a_long_tool_output_are_cut_in_lane_tokens(
+    stub: Any, mesh: Mesh
+) -> None:
+    mesh.inference.max_model_len = 2048
+    mesh.inference.plan_tools = ["kb_search"]
+    mesh.tools.bodies["kb_search"] = json.dumps({"results": "x" * 20_000})
+    long_message = "Please read this. " * 600  # ~2,700 fake tokens: above the whole window
+    session = await create(stub)
+    events = await turn(stub, session.session_id, long_message)
+    done = events[-1].turn_completed
+    assert "the message was cut to fit the context window" in done.notes
+    plan_prompt = mesh.inference.of_kind("plan")[0].messages
+    cut_user = [m.content for m in plan_prompt if m.role == common_pb2.ROLE_USER][-1]
+    assert cut_user.endswith(CUT_MARKER) and len(cut_user) < len(long_message) // 2
+    finished = [e.tool_call_finished for e in events if e.HasField("tool_call_finished")]
+    assert [(f.name, f.truncated) for f in finished] == [("kb_search", True)]
+    observe = [r for r in mesh.inference.of_kind("count_tokens") if r.texts][-1]
+    assert 32 <= observe.truncate_texts_to < 1000
+    stored = (await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session
+    assert stored.messages[0].content == long_message  # the history keeps what was said
+    [tool_message] = [m.content for m in stored.messages if m.role == common_pb2.ROLE_TOOL]
+    assert CUT_MARKER in tool_message and tool_message.endswith("</tool_result>")
+    assert len(tool_message) < observe.truncate_texts_to * 4 + 400
+
+
+async def test_a_refund_is_proposed_then_executed_once_on_confirmation(
+    stub: Any, mesh: Mesh
+) -> None:
+    mesh.inference.plan_tools = ["billing_lookup", "billing_refund"]
+    session = await create(stub)
+    events = await turn(stub, session.session_id, "Please refund the duplicate charge.")
+    offered = {t.name: json.loads(t.parameters_json_schema) for t in _offered(mesh, "call_tools")}
+    refund_schema = offered["billing_refund"]["properties"]
+    assert refund_schema["invoice_id"]["enum"] == ["INV-00012"]
+    assert refund_schema["amount"]["maximum"] == 38.0  # paid twice, nothing refunded yet
+    finished = {f.name: f for f in _of(events, "tool_call_finished")}
+    assert finished["billing_refund"].status == "PROPOSED"
+    [proposed] = _of(events, "action_proposed")
+    action = proposed.action
+    assert action.amount_cents == 1900 and action.currency == "USD"
+    assert action.summary == "Refund 19.00 USD on INV-00012: charged twice"
+    assert action.state == pb.ACTION_STATE_PENDING
+    assert json.loads(action.arguments_json)["customer_id"] == "CUST-0042"
+    done = events[-1].turn_completed
+    assert done.outcome == pb.TURN_OUTCOME_AWAITING_CONFIRMATION
+    assert action.action_id in done.answer
+    assert mesh.tools.of_tool("billing_refund") == []
+    # Once proposed, the answer may not open more calls.
+    assert not mesh.inference.of_kind("answer")[-1].HasField("tool_choice")
+
+    confirmed = await turn(stub, session.session_id, "", confirm_action_id=action.action_id)
+    [resolved] = _of(confirmed, "action_resolved")
+    assert resolved.action.state == pb.ACTION_STATE_EXECUTED
+    [refund] = mesh.tools.of_tool("billing_refund")
+    assert refund.invocation.idempotency_key == f"am-action-{action.action_id}"
+    assert refund.principal == "customer:CUST-0042"
+    assert refund.invocation.arguments_json == action.arguments_json
+    assert confirmed[-1].turn_completed.outcome == pb.TURN_OUTCOME_COMPLETED
+
+    again = await turn(stub, session.session_id, "", confirm_action_id=action.action_id)
+    assert len(mesh.tools.of_tool("billing_refund")) == 1
+    assert "already done" in again[-1].turn_completed.answer
+    stored = (await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session
+    assert [(a.action_id, a.state) for a in stored.actions] == [
+        (action.action_id, pb.ACTION_STATE_EXECUTED)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -311,34 +483,79 @@ async def test_any_replica_continues_any_session_and_restarts_lose_nothing(mesh:
         assert stored.session.task_tool_calls == 12 and stored.session.turn_count == 4
 
 
-async def test_chat_cli_streams_answers_tool_calls_and_the_latency_table(mesh: Mesh) -> None:
+async def chat_cli(address: str, *args: str, stdin: bytes | None = None) -> str:
+    """Runs `agentmesh chat` against ``address``; returns its output (exit status 0)."""
     import sys
 
-    server = await mesh.orchestrator()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "cli.main",
         "chat",
         "--target",
-        server.address,
+        address,
         "--customer",
         "CUST-0042",
-        "-m",
-        "Why was I charged twice?",
-        "-m",
-        "Thanks!",
+        *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={"COLUMNS": "120", "PATH": "/usr/bin:/bin", "TERM": "dumb"},
     )
-    out, err = await asyncio.wait_for(process.communicate(), 120)
-    text = out.decode()
+    out, err = await asyncio.wait_for(process.communicate(stdin), 120)
     assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_chat_cli_streams_answers_tool_calls_and_the_latency_table(mesh: Mesh) -> None:
+    server = await mesh.orchestrator()
+    text = await chat_cli(server.address, "-m", "Why was I charged twice?", "-m", "Thanks!")
     assert text.count(mesh.inference.answer) == 2
     assert text.count("<- crm_lookup OK") == 2
     assert text.count("Turn latency") == 2 and "Queue + prefill (TTFT)" in text
     assert "plan #1 [workhorse]" in text
+
+
+PROPOSAL = "Refund 19.00 USD on INV-00012: charged twice"
+
+
+@pytest.mark.parametrize("flag", ["--yes", "--no", None])
+async def test_chat_cli_asks_before_a_proposed_write_and_sends_the_answer(
+    mesh: Mesh, flag: str | None
+) -> None:
+    """With -m the flag decides (default no); the proposal is shown with its amount, the
+    confirming or rejecting turn is sent and rendered."""
+    mesh.inference.plan_tools = ["billing_lookup", "billing_refund"]
+    server = await mesh.orchestrator()
+    args = ["-m", "Please refund the duplicate charge."] + ([flag] if flag else [])
+    text = await chat_cli(server.address, *args)
+    assert "<- billing_refund PROPOSED" in text
+    assert f"Proposed, not done yet: {PROPOSAL}" in text and "amount: 19.00 USD" in text
+    [action_id] = set(re.findall(r"act_[0-9a-f]{20}", text))
+    assert f"?? proposed {action_id}: {PROPOSAL} (19.00 USD)" in text
+    refunds = mesh.tools.of_tool("billing_refund")
+    if flag == "--yes":
+        assert "Go ahead? yes (--yes)" in text
+        assert f"== action {action_id} EXECUTED: {PROPOSAL}" in text
+        assert "<- billing_refund OK" in text
+        assert [r.invocation.idempotency_key for r in refunds] == [f"am-action-{action_id}"]
+    else:
+        assert "Go ahead? no (--no)" in text
+        assert f"== action {action_id} REJECTED: {PROPOSAL}" in text
+        assert "I will not do this" in text
+        assert refunds == []
+    assert text.count("Turn latency") == 2  # the proposing turn and the answering one
+
+
+async def test_chat_cli_interactive_prompt_confirms_with_y(mesh: Mesh) -> None:
+    mesh.inference.plan_tools = ["billing_lookup", "billing_refund"]
+    server = await mesh.orchestrator()
+    text = await chat_cli(server.address, stdin=b"Please refund the duplicate charge.\ny\n")
+    assert "Go ahead? [y/n] (n):" in text
+    [action_id] = set(re.findall(r"act_[0-9a-f]{20}", text))
+    assert f"== action {action_id} EXECUTED: {PROPOSAL}" in text
+    [refund] = mesh.tools.of_tool("billing_refund")
+    assert refund.invocation.idempotency_key == f"am-action-{action_id}"
 
 
 async def test_turn_metrics_are_exported(mesh: Mesh) -> None:
@@ -354,4 +571,4 @@ async def test_turn_metrics_are_exported(mesh: Mesh) -> None:
         assert registry.get_sample_value("agentmesh_turn_tool_calls_total", labels) == 1
     assert registry.get_sample_value("agentmesh_turn_seconds_count") == 1
     cached = {"lane": "workhorse", "kind": "cached"}
-    assert registry.get_sample_value("agentmesh_turn_tokens_total", cached) == 500
+    assert registry.get_sample_value("agentmesh_turn_tokens_total", cached) == 250

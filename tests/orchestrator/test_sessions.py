@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from services.orchestrator.loop.policy import Caps
-from services.orchestrator.loop.types import Message, Role, ToolCall
+from services.orchestrator.loop.types import Action, ActionState, Message, Role, ToolCall
 from services.orchestrator.sessions.base import SessionRecord, SessionState, SessionStore
 from services.orchestrator.sessions.factory import store_from_url
 from services.orchestrator.sessions.redis_store import RedisSessionStore
 from services.orchestrator.sessions.sql import SqlSessionStore
-from shared.errors import AlreadyExists
-from tests.orchestrator.conftest import close_store, open_store
+from shared.errors import AlreadyExists, InvalidArgument, NotFound
+from tests.orchestrator.conftest import REDIS_URL, close_store, open_store
+
+
+def twin(store: SessionStore) -> SessionStore:
+    """A second, unopened store on the same backend and prefix: another replica."""
+    if isinstance(store, SqlSessionStore):
+        return SqlSessionStore(
+            str(store.engine.url.render_as_string(hide_password=False)),
+            table_prefix=store.sessions.name.removesuffix("sessions"),
+        )
+    assert isinstance(store, RedisSessionStore)
+    return RedisSessionStore(REDIS_URL, key_prefix=store._prefix)
 
 
 def record(session_id: str = "sess-1") -> SessionRecord:
@@ -37,6 +49,7 @@ async def test_create_get_round_trips_every_field(store: SessionStore) -> None:
     assert got.state is SessionState.ACTIVE
     assert got.metadata == {"channel": "chat"}
     assert got.messages == []
+    assert got.actions == []
     assert got.created_at == pytest.approx(rec.created_at)
     assert await store.get("nope") is None
 
@@ -112,14 +125,7 @@ async def test_a_second_store_instance_sees_the_same_state(
     """Any replica continues any session: a second connection to the same backend."""
     await store.create(record())
     await store.append_messages("sess-1", 1, [Message(Role.USER, "hello")])
-    if isinstance(store, SqlSessionStore):
-        other: SessionStore = SqlSessionStore(
-            str(store.engine.url.render_as_string(hide_password=False)),
-            table_prefix=store.sessions.name.removesuffix("sessions"),
-        )
-    else:
-        assert isinstance(store, RedisSessionStore)
-        other = RedisSessionStore("redis://127.0.0.1:6379/5", key_prefix=store._prefix)
+    other = twin(store)
     await other.open()
     try:
         got = await other.get("sess-1")
@@ -149,3 +155,290 @@ def test_store_from_url_picks_the_backend() -> None:
     assert isinstance(store_from_url("redis://127.0.0.1:6379/0"), RedisSessionStore)
     with pytest.raises(ValueError, match="unsupported"):
         store_from_url("mongodb://x")
+
+
+# --- proposed actions ---------------------------------------------------------------------
+
+T0 = 1_764_000_000.123456
+
+
+def proposed(
+    action_id: str = "act-1", session_id: str = "sess-1", *, created_at: float = T0
+) -> Action:
+    return Action(
+        action_id=action_id,
+        session_id=session_id,
+        tool="billing_refund",
+        arguments_json='{"amount_cents":1250,"customer_id":"CUST-0042","invoice_id":"INV-7"}',
+        summary="Rückerstattung 12,50 € für INV-7",
+        amount_cents=1250,
+        currency="EUR",
+        turn_index=3,
+        created_at=created_at,
+        expires_at=created_at + 300.25,
+    )
+
+
+def claimed(action: Action, by: str) -> Action:
+    """The action moved to EXECUTING, marked with who moved it."""
+    return dataclasses.replace(action, state=ActionState.EXECUTING, result_json=f'{{"by":"{by}"}}')
+
+
+async def test_actions_round_trip_every_field(store: SessionStore) -> None:
+    await store.create(record())
+    pending = proposed()
+    # Every field away from its default (the store stores whatever it is given).
+    resolved = Action(
+        action_id="act-2",
+        session_id="sess-1",
+        tool="billing_credit",
+        arguments_json='{"amount_cents":5000000000,"customer_id":"CUST-0042"}',
+        summary="Credit 50,000,000.00 USD",
+        amount_cents=5_000_000_000,
+        currency="USD",
+        state=ActionState.FAILED,
+        turn_index=4,
+        created_at=T0 + 1.5,
+        expires_at=T0 + 301.75,
+        resolved_at=T0 + 2.000125,
+        result_json='{"error":"declined"}',
+        error_message="the billing service declined the credit",
+    )
+    await store.add_action(pending)
+    await store.add_action(resolved)
+    assert await store.get_action("sess-1", "act-1") == pending
+    assert await store.get_action("sess-1", "act-2") == resolved
+    got = await store.get("sess-1")
+    assert got is not None
+    assert got.actions == [pending, resolved]
+    assert await store.get_action("sess-1", "act-404") is None
+    # An action is found only through its own session.
+    await store.create(record("sess-2"))
+    assert await store.get_action("sess-2", "act-1") is None
+
+
+async def test_adding_a_taken_action_id_is_already_exists_and_changes_nothing(
+    store: SessionStore,
+) -> None:
+    await store.create(record())
+    await store.create(record("sess-2"))
+    first = proposed()
+    await store.add_action(first)
+    with pytest.raises(AlreadyExists):
+        await store.add_action(dataclasses.replace(first, summary="another", amount_cents=1))
+    # Ids are unique store-wide: the idempotency key derives from the id alone.
+    with pytest.raises(AlreadyExists):
+        await store.add_action(proposed(session_id="sess-2"))
+    assert await store.get_action("sess-1", "act-1") == first
+    assert await store.get_action("sess-2", "act-1") is None
+    got = await store.get("sess-1")
+    assert got is not None and got.actions == [first]
+
+
+async def test_adding_an_action_to_an_unknown_session_is_not_found(store: SessionStore) -> None:
+    with pytest.raises(NotFound):
+        await store.add_action(proposed(session_id="ghost"))
+    assert await store.get_action("ghost", "act-1") is None
+    # Nothing was reserved: the id is still free for a real session.
+    await store.create(record())
+    await store.add_action(proposed())
+    assert await store.get_action("sess-1", "act-1") == proposed()
+
+
+async def test_transition_swaps_when_the_state_is_expected(store: SessionStore) -> None:
+    await store.create(record())
+    pending = proposed()
+    await store.add_action(pending)
+    executing = dataclasses.replace(pending, state=ActionState.EXECUTING)
+    assert (
+        await store.transition_action(
+            "sess-1", "act-1", expected=[ActionState.PENDING], new=executing
+        )
+        == executing
+    )
+    assert await store.get_action("sess-1", "act-1") == executing
+    executed = dataclasses.replace(
+        executing,
+        state=ActionState.EXECUTED,
+        resolved_at=T0 + 9.5,
+        result_json='{"refund_id":"RF-1"}',
+    )
+    assert (
+        await store.transition_action(
+            "sess-1",
+            "act-1",
+            expected=[ActionState.PENDING, ActionState.EXECUTING],
+            new=executed,
+        )
+        == executed
+    )
+    got = await store.get("sess-1")
+    assert got is not None and got.actions == [executed]
+
+
+async def test_transition_is_refused_when_the_state_is_not_expected(store: SessionStore) -> None:
+    await store.create(record())
+    rejected = dataclasses.replace(proposed(), state=ActionState.REJECTED, resolved_at=T0 + 1)
+    await store.add_action(rejected)
+    attempt = claimed(rejected, "late-confirm")
+    assert (
+        await store.transition_action(
+            "sess-1", "act-1", expected=[ActionState.PENDING], new=attempt
+        )
+        == rejected
+    )
+    assert await store.transition_action("sess-1", "act-1", expected=[], new=attempt) == rejected
+    assert await store.get_action("sess-1", "act-1") == rejected
+
+
+async def test_transition_of_an_unknown_action_is_none(store: SessionStore) -> None:
+    await store.create(record())
+    await store.add_action(proposed())
+    ghost = proposed("act-404")
+    assert (
+        await store.transition_action(
+            "sess-1", "act-404", expected=[ActionState.PENDING], new=claimed(ghost, "x")
+        )
+        is None
+    )
+    # The same id under another session is not this session's action.
+    elsewhere = proposed(session_id="sess-2")
+    assert (
+        await store.transition_action(
+            "sess-2", "act-1", expected=[ActionState.PENDING], new=claimed(elsewhere, "x")
+        )
+        is None
+    )
+    assert await store.get_action("sess-1", "act-1") == proposed()
+
+
+async def test_transition_must_keep_the_actions_identity(store: SessionStore) -> None:
+    await store.create(record())
+    await store.add_action(proposed())
+    with pytest.raises(InvalidArgument):
+        await store.transition_action(
+            "sess-1",
+            "act-1",
+            expected=[ActionState.PENDING],
+            new=claimed(proposed("act-other"), "x"),
+        )
+    assert await store.get_action("sess-1", "act-1") == proposed()
+
+
+async def test_concurrent_transitions_have_exactly_one_winner(store: SessionStore) -> None:
+    await store.create(record())
+    await store.add_action(proposed())
+    news = [claimed(proposed(), f"contender-{i}") for i in range(8)]
+    results = await asyncio.gather(
+        *(
+            store.transition_action("sess-1", "act-1", expected=[ActionState.PENDING], new=n)
+            for n in news
+        )
+    )
+    winners = [n for n, r in zip(news, results, strict=True) if r == n]
+    assert len(winners) == 1
+    # Every loser was told the winner's action.
+    assert results == [winners[0]] * len(news)
+    assert await store.get_action("sess-1", "act-1") == winners[0]
+
+
+async def test_concurrent_transitions_from_two_replicas_have_exactly_one_winner(
+    store: SessionStore,
+) -> None:
+    await store.create(record())
+    await store.add_action(proposed())
+    other = twin(store)
+    await other.open()
+    try:
+        replicas = [store, other] * 4
+        news = [claimed(proposed(), f"replica-{i % 2}-{i}") for i in range(len(replicas))]
+        results = await asyncio.gather(
+            *(
+                r.transition_action("sess-1", "act-1", expected=[ActionState.PENDING], new=n)
+                for r, n in zip(replicas, news, strict=True)
+            )
+        )
+        winners = [n for n, r in zip(news, results, strict=True) if r == n]
+        assert len(winners) == 1
+        assert results == [winners[0]] * len(news)
+        assert await other.get_action("sess-1", "act-1") == winners[0]
+        assert await store.get_action("sess-1", "act-1") == winners[0]
+    finally:
+        await other.close()
+
+
+async def test_actions_survive_reopening_the_store(store: SessionStore) -> None:
+    await store.create(record())
+    first, second = proposed("act-1"), proposed("act-2", created_at=T0 + 1)
+    await store.add_action(first)
+    await store.add_action(second)
+    executing = claimed(first, "before-restart")
+    await store.transition_action("sess-1", "act-1", expected=[ActionState.PENDING], new=executing)
+    await store.close()
+    await store.open()
+    got = await store.get("sess-1")
+    assert got is not None and got.actions == [executing, second]
+    assert await store.get_action("sess-1", "act-2") == second
+    with pytest.raises(AlreadyExists):
+        await store.add_action(first)
+
+
+async def test_actions_are_listed_oldest_first(store: SessionStore) -> None:
+    """By created_at; actions created at the same moment keep the order they were added in."""
+    await store.create(record())
+    await store.create(record("sess-2"))
+    latest = proposed("act-c", created_at=T0 + 10)
+    tie_first, tie_second = proposed("act-b"), proposed("act-a")
+    await store.add_action(latest)
+    await store.add_action(tie_first)
+    await store.add_action(proposed("act-other", "sess-2", created_at=T0 + 5))
+    await store.add_action(tie_second)
+    oldest = proposed("act-z", created_at=T0 - 10)
+    await store.add_action(oldest)
+    got = await store.get("sess-1")
+    assert got is not None
+    assert got.actions == [oldest, tie_first, tie_second, latest]
+
+
+async def test_ending_a_session_keeps_its_actions(store: SessionStore) -> None:
+    await store.create(record())
+    await store.add_action(proposed())
+    assert await store.end("sess-1") is True
+    got = await store.get("sess-1")
+    assert got is not None and got.state is SessionState.ENDED
+    assert got.actions == [proposed()]
+
+
+async def test_sqlite_connections_use_wal_and_a_busy_timeout(sqlite_store: SessionStore) -> None:
+    assert isinstance(sqlite_store, SqlSessionStore)
+    async with sqlite_store.engine.connect() as conn:
+        assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+        assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 30000
+
+
+async def test_sqlite_concurrent_writers_from_two_stores_all_succeed(
+    sqlite_store: SessionStore,
+) -> None:
+    """Writers on two engines queue on the write lock (BEGIN IMMEDIATE, busy timeout)
+    instead of failing with "database is locked"."""
+    await sqlite_store.create(record())
+    other = twin(sqlite_store)
+    await other.open()
+    try:
+        stores = [sqlite_store, other] * 10
+        await asyncio.gather(
+            *(
+                s.add_action(proposed(f"act-{i:02d}", created_at=T0 + i))
+                for i, s in enumerate(stores)
+            ),
+            *(
+                s.append_messages("sess-1", i, [Message(Role.USER, f"m{i}")])
+                for i, s in enumerate(stores)
+            ),
+        )
+        got = await other.get("sess-1")
+        assert got is not None
+        assert [a.action_id for a in got.actions] == [f"act-{i:02d}" for i in range(20)]
+        assert sorted(m.content for m in got.messages) == sorted(f"m{i}" for i in range(20))
+    finally:
+        await other.close()

@@ -193,10 +193,10 @@ async def test_forcing_a_lane_and_raising_caps_need_admin(secure_mesh: SecureMes
         stub = orchestrator_pb2_grpc.AgentServiceStub(channel)
         mine = await _create(stub, "alice", secure_mesh)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await _turn(stub, secure_mesh, "alice", mine.session_id, lane="heavy")
+            await _turn(stub, secure_mesh, "alice", mine.session_id, lane="speed")
         assert _code(caught) == grpc.StatusCode.PERMISSION_DENIED
         raised = pb.Budget(
-            max_tool_calls_per_task=60, turn_budget=duration_pb2.Duration(seconds=30)
+            max_tool_calls_per_task=40, turn_budget=duration_pb2.Duration(seconds=30)
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await _create(stub, "alice", secure_mesh, budget=raised)
@@ -207,15 +207,15 @@ async def test_forcing_a_lane_and_raising_caps_need_admin(secure_mesh: SecureMes
         assert lowered.budget.max_tool_calls_per_task == 7
 
         admin = await _create(stub, "admin", secure_mesh, budget=raised)
-        assert admin.budget.max_tool_calls_per_task == 60
-        events = await _turn(stub, secure_mesh, "admin", admin.session_id, lane="heavy")
+        assert admin.budget.max_tool_calls_per_task == 40
+        events = await _turn(stub, secure_mesh, "admin", admin.session_id, lane="speed")
         assert events[-1].turn_completed.outcome == pb.TURN_OUTCOME_COMPLETED
         over = pb.Budget(max_tool_calls_per_task=100_000)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await _create(stub, "admin", secure_mesh, budget=over)
         assert _code(caught) == grpc.StatusCode.INVALID_ARGUMENT
         assert _field(caught.value) == "budget.max_tool_calls_per_task"
-        assert "ceiling of 200" in (caught.value.details() or "")
+        assert "ceiling of 50" in (caught.value.details() or "")
 
 
 async def test_reserved_metadata_keys_are_refused(secure_mesh: SecureMesh) -> None:

@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
+from agentmesh.tools.v1 import tools_pb2_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -16,10 +18,13 @@ from services.tools.adapters.billing_sql import SqlBillingStore
 from services.tools.adapters.crm_sql import SqlCrmStore
 from services.tools.adapters.kb import MiniLmEmbedder
 from services.tools.adapters.sql import create_engine
+from services.tools.backends import open_backends
 from services.tools.config import ToolsSettings
 from services.tools.demo_data import DemoDataset, build_demo_dataset
+from services.tools.principal import PRINCIPAL_HEADER
 from services.tools.service import ToolsService
 from shared.server import GrpcServer
+from tests.tools.fakes import HashEmbedder
 
 POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 # Store tests use a smaller slice of the same generator (the showcase customers included).
@@ -105,3 +110,43 @@ async def running_server(service: ToolsService) -> AsyncIterator[GrpcServer]:
 
 def tools_settings(tmp_path: Path, **overrides: object) -> ToolsSettings:
     return ToolsSettings(port=0, metrics_port=0, data_dir=tmp_path, **overrides)  # type: ignore[arg-type]
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def principal_md(value: str) -> Metadata:
+    """Call metadata carrying ``agentmesh-principal: value``."""
+    return ((PRINCIPAL_HEADER, value),)
+
+
+def as_customer(customer_id: str) -> Metadata:
+    return principal_md(f"customer:{customer_id}")
+
+
+@contextlib.asynccontextmanager
+async def serving_stub(service: ToolsService) -> AsyncIterator[tools_pb2_grpc.ToolServiceStub]:
+    """A stub on a fresh server of `service` (for tests that need their own backends)."""
+    async with (
+        running_server(service) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        yield tools_pb2_grpc.ToolServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+async def stores_server(
+    tmp_path_factory: pytest.TempPathFactory, dataset: DemoDataset
+) -> AsyncIterator[GrpcServer]:
+    """Real embedded stores (SQLite + local index; hashed embeddings keep it fast)."""
+    settings = tools_settings(tmp_path_factory.mktemp("tools"))
+    backends = await open_backends(settings, embedder=HashEmbedder(), dataset=dataset)
+    async with running_server(ToolsService(settings, backends=backends)) as server:
+        yield server
+    await backends.close()
+
+
+@pytest.fixture
+async def stub(stores_server: GrpcServer) -> AsyncIterator[tools_pb2_grpc.ToolServiceStub]:
+    async with grpc.aio.insecure_channel(stores_server.address) as channel:
+        yield tools_pb2_grpc.ToolServiceStub(channel)

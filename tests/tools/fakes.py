@@ -48,11 +48,13 @@ class GatedCrm:
     def __init__(self, barrier: asyncio.Barrier) -> None:
         self._barrier = barrier
 
-    async def lookup(
-        self, *, customer_id: str | None = None, email: str | None = None, name: str | None = None
-    ) -> JsonDict:
+    async def lookup(self, customer_id: str) -> JsonDict:
         await self._barrier.wait()
-        return {"customer": {"customer_id": customer_id or "CUST-0001", "name": "Ada"}}
+        return {"customer": {"customer_id": customer_id, "name": "Ada"}}
+
+    async def find_by_email(self, email: str, *, customer_id: str | None = None) -> JsonDict:
+        await self._barrier.wait()
+        return {"customer": {"customer_id": customer_id or "CUST-0001", "email": email}}
 
 
 class GatedKb:

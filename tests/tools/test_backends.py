@@ -41,7 +41,7 @@ async def test_postgres_stores_from_settings(tmp_path: Path, dataset: DemoDatase
         try:
             assert backends.crm.source == "crm:postgres"
             assert backends.billing.source == "billing:postgres"
-            profile = await backends.crm.lookup(customer_id="CUST-0002")
+            profile = await backends.crm.lookup("CUST-0002")
             assert profile["account"]["status"] == "past_due"
             overview = await backends.billing.overview("CUST-0002")
             assert overview["subscription"]["status"] == "past_due"

@@ -82,7 +82,12 @@ async def test_refund_retry_returns_the_stored_result(
     billing: SqlBillingStore, dataset: DemoDataset, database: Database
 ) -> None:
     invoice = _paid_invoice(dataset)
-    args = {"invoice_id": invoice["id"], "amount_cents": 1000, "reason": "goodwill"}
+    args = {
+        "customer_id": invoice["customer_id"],
+        "invoice_id": invoice["id"],
+        "amount_cents": 1000,
+        "reason": "goodwill",
+    }
     first = await billing.refund(**args, idempotency_key="retry-1")
     second = await billing.refund(**args, idempotency_key="retry-1")
     assert not first.replayed and second.replayed
@@ -98,11 +103,19 @@ async def test_same_key_with_other_arguments_is_refused(
 ) -> None:
     invoice = _paid_invoice(dataset)
     await billing.refund(
-        invoice_id=invoice["id"], amount_cents=500, reason="goodwill", idempotency_key="k-2"
+        customer_id=invoice["customer_id"],
+        invoice_id=invoice["id"],
+        amount_cents=500,
+        reason="goodwill",
+        idempotency_key="k-2",
     )
     with pytest.raises(FailedPrecondition) as caught:
         await billing.refund(
-            invoice_id=invoice["id"], amount_cents=900, reason="goodwill", idempotency_key="k-2"
+            customer_id=invoice["customer_id"],
+            invoice_id=invoice["id"],
+            amount_cents=900,
+            reason="goodwill",
+            idempotency_key="k-2",
         )
     assert caught.value.reason == "IDEMPOTENCY_KEY_REUSED"
     with pytest.raises(FailedPrecondition):  # a credit cannot reuse a refund's key either
@@ -122,6 +135,7 @@ async def test_concurrent_duplicates_write_once(
     outcomes = await asyncio.gather(
         *(
             billing.refund(
+                customer_id=invoice["customer_id"],
                 invoice_id=invoice["id"],
                 amount_cents=700,
                 reason="duplicate request",
@@ -151,6 +165,7 @@ async def test_refunds_cannot_exceed_what_was_paid(
     paid = invoice["amount_cents"]
     with pytest.raises(FailedPrecondition):
         await billing.refund(
+            customer_id=invoice["customer_id"],
             invoice_id=invoice["id"],
             amount_cents=paid + 1,
             reason="too much",
@@ -161,6 +176,7 @@ async def test_refunds_cannot_exceed_what_was_paid(
     results = await asyncio.gather(
         *(
             billing.refund(
+                customer_id=invoice["customer_id"],
                 invoice_id=invoice["id"],
                 amount_cents=share,
                 reason="split",
@@ -177,6 +193,7 @@ async def test_refunds_cannot_exceed_what_was_paid(
     # a failed attempt did not burn its key: the same key works once money is available
     with pytest.raises(FailedPrecondition):
         await billing.refund(
+            customer_id=invoice["customer_id"],
             invoice_id=invoice["id"],
             amount_cents=paid,
             reason="too much",
@@ -189,6 +206,7 @@ async def test_refunding_the_duplicate_of_a_double_charge_keeps_the_invoice_paid
 ) -> None:
     invoice = _paid_invoice(dataset, charges=2)
     outcome = await billing.refund(
+        customer_id=invoice["customer_id"],
         invoice_id=invoice["id"],
         amount_cents=invoice["amount_cents"],
         reason="double charge",
@@ -201,8 +219,79 @@ async def test_refunding_the_duplicate_of_a_double_charge_keeps_the_invoice_paid
 async def test_refund_of_unknown_invoice_is_not_found(billing: SqlBillingStore) -> None:
     with pytest.raises(NotFound):
         await billing.refund(
-            invoice_id="INV-99999", amount_cents=100, reason="x", idempotency_key="nf-1"
+            customer_id="CUST-0001",
+            invoice_id="INV-99999",
+            amount_cents=100,
+            reason="x",
+            idempotency_key="nf-1",
         )
+
+
+def _invoice_of(dataset: DemoDataset, customer_id: str) -> dict[str, Any]:
+    return next(
+        inv
+        for inv in dataset.billing["billing_invoices"]
+        if inv["customer_id"] == customer_id and _succeeded(dataset, inv["id"])
+    )
+
+
+async def test_refund_of_another_customers_invoice_is_not_found_and_moves_nothing(
+    billing: SqlBillingStore, dataset: DemoDataset, database: Database
+) -> None:
+    foreign = _invoice_of(dataset, "CUST-0002")
+    with pytest.raises(NotFound) as caught:
+        await billing.refund(
+            customer_id="CUST-0001",
+            invoice_id=foreign["id"],
+            amount_cents=100,
+            reason="not mine",
+            idempotency_key="foreign-1",
+        )
+    with pytest.raises(NotFound) as unknown:
+        await billing.refund(
+            customer_id="CUST-0001",
+            invoice_id="INV-99999",
+            amount_cents=100,
+            reason="not mine",
+            idempotency_key="foreign-2",
+        )
+    assert caught.value.message == unknown.value.message  # never confirms it exists
+    assert foreign["id"] not in caught.value.message
+    assert await _refund_rows(database, foreign["id"]) == 0
+    overview = await billing.overview("CUST-0002", invoice_id=foreign["id"])
+    assert overview["invoices"][0]["refunded"] == 0.0
+    # the failed attempt did not burn the key: the owner can use it for their own refund
+    own = await billing.refund(
+        customer_id="CUST-0002",
+        invoice_id=foreign["id"],
+        amount_cents=100,
+        reason="not mine",
+        idempotency_key="foreign-1",
+    )
+    assert not own.replayed and own.result["customer_id"] == "CUST-0002"
+
+
+async def test_a_key_replayed_for_another_customer_never_returns_the_stored_result(
+    billing: SqlBillingStore, dataset: DemoDataset, database: Database
+) -> None:
+    invoice = _invoice_of(dataset, "CUST-0002")
+    args = {"invoice_id": invoice["id"], "amount_cents": 200, "reason": "goodwill"}
+    await billing.refund(customer_id="CUST-0002", **args, idempotency_key="shared-key")
+    with pytest.raises(FailedPrecondition) as caught:
+        await billing.refund(customer_id="CUST-0001", **args, idempotency_key="shared-key")
+    assert caught.value.reason == "IDEMPOTENCY_KEY_REUSED"
+    assert await _refund_rows(database, invoice["id"]) == 1
+
+
+async def test_lookup_of_another_customers_invoice_is_not_found(
+    billing: SqlBillingStore, dataset: DemoDataset
+) -> None:
+    foreign = _invoice_of(dataset, "CUST-0002")
+    with pytest.raises(NotFound) as caught:
+        await billing.overview("CUST-0001", invoice_id=foreign["id"])
+    with pytest.raises(NotFound) as unknown:
+        await billing.overview("CUST-0001", invoice_id="INV-99999")
+    assert caught.value.message == unknown.value.message
 
 
 async def test_credit_is_idempotent_and_updates_the_balance(

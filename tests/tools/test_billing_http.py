@@ -6,13 +6,17 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
+from sqlalchemy import func, select
 
 from services.tools.adapters.billing_api import RunningBillingApi, start_billing_api
-from services.tools.adapters.billing_http import HttpBillingStore
+from services.tools.adapters.billing_http import IDEMPOTENCY_HEADER, HttpBillingStore
 from services.tools.adapters.billing_sql import SqlBillingStore
+from services.tools.adapters.sql import billing_refunds
 from services.tools.demo_data import DemoDataset
 from shared.errors import FailedPrecondition, NotFound, Unavailable
+from tests.tools.conftest import Database
 
 
 @pytest.fixture
@@ -44,7 +48,12 @@ async def test_refund_over_http_is_exactly_once(
     client: HttpBillingStore, dataset: DemoDataset
 ) -> None:
     invoice = dataset.billing["billing_invoices"][0]
-    args = {"invoice_id": invoice["id"], "amount_cents": 300, "reason": "goodwill"}
+    args = {
+        "customer_id": invoice["customer_id"],
+        "invoice_id": invoice["id"],
+        "amount_cents": 300,
+        "reason": "goodwill",
+    }
     outcomes = await asyncio.gather(
         *(client.refund(**args, idempotency_key="http-1") for _ in range(5))
     )
@@ -58,6 +67,34 @@ async def test_refund_over_http_is_exactly_once(
         await client.refund(**{**args, "amount_cents": 10**9}, idempotency_key="http-2")
     with pytest.raises(NotFound):
         await client.refund(**{**args, "invoice_id": "INV-99999"}, idempotency_key="http-3")
+
+
+async def test_refund_over_http_is_scoped_to_the_customer(
+    client: HttpBillingStore, api: RunningBillingApi, dataset: DemoDataset, database: Database
+) -> None:
+    foreign = next(
+        i for i in dataset.billing["billing_invoices"] if i["customer_id"] == "CUST-0002"
+    )
+    args = {"invoice_id": foreign["id"], "amount_cents": 100, "reason": "not mine"}
+    with pytest.raises(NotFound) as caught:
+        await client.refund(customer_id="CUST-0001", **args, idempotency_key="http-f1")
+    with pytest.raises(NotFound) as unknown:
+        await client.refund(
+            customer_id="CUST-0001", **{**args, "invoice_id": "INV-99999"}, idempotency_key="f2"
+        )
+    assert caught.value.message == unknown.value.message
+    async with database.engine.connect() as conn:
+        refunds = (
+            await conn.execute(
+                select(func.count()).where(billing_refunds.c.invoice_id == foreign["id"])
+            )
+        ).scalar_one()
+    assert refunds == 0
+    # the reference API refuses a refund that names no customer
+    async with httpx.AsyncClient(base_url=api.base_url) as raw:
+        response = await raw.post("/v1/refunds", json=args, headers={IDEMPOTENCY_HEADER: "http-f3"})
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "customer_id"
 
 
 async def test_credit_over_http(client: HttpBillingStore, dataset: DemoDataset) -> None:

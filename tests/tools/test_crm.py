@@ -15,7 +15,7 @@ async def test_lookup_by_id_returns_the_whole_profile(
     crm: SqlCrmStore, dataset: DemoDataset, database: Database
 ) -> None:
     row = dataset.crm["crm_customers"][4]
-    result = await crm.lookup(customer_id=row["id"])
+    result = await crm.lookup(row["id"])
     assert crm.source == f"crm:{database.backend}"
     assert result["customer"]["customer_id"] == row["id"]
     assert result["customer"]["email"] == row["email"]
@@ -39,45 +39,30 @@ async def test_lookup_by_id_returns_the_whole_profile(
     assert result["customer"]["created_at"].endswith("+00:00")
 
 
-async def test_lookup_by_email_ignores_case(crm: SqlCrmStore, dataset: DemoDataset) -> None:
+async def test_find_by_email_ignores_case(crm: SqlCrmStore, dataset: DemoDataset) -> None:
     row = dataset.crm["crm_customers"][7]
-    result = await crm.lookup(email=row["email"].upper())
+    result = await crm.find_by_email(row["email"].upper())
     assert result["customer"]["customer_id"] == row["id"]
 
 
-async def test_lookup_by_name(crm: SqlCrmStore, dataset: DemoDataset) -> None:
-    customers = dataset.crm["crm_customers"]
-    names = [c["name"] for c in customers]
-    unique = next(c for c in customers if names.count(c["name"]) == 1)
-    result = await crm.lookup(name=unique["name"].lower())
-    assert result["customer"]["customer_id"] == unique["id"]
-    # a fragment shared by several customers returns candidates, not a guess
-    last = unique["name"].split()[1]
-    sharing = [c for c in customers if last.lower() in c["name"].lower()]
-    partial = await crm.lookup(name=last)
-    if len(sharing) > 1:
-        assert {m["customer_id"] for m in partial["matches"]} <= {c["id"] for c in sharing}
-        assert "ask which one" in partial["note"]
-    else:
-        assert partial["customer"]["customer_id"] == unique["id"]
-
-
-async def test_name_matching_several_lists_candidates(
+async def test_find_by_email_for_a_customer_finds_only_that_customer(
     crm: SqlCrmStore, dataset: DemoDataset
 ) -> None:
-    # every demo email domain ends in ".example"; a one-letter-ish name fragment matches many
-    result = await crm.lookup(name="an")
-    expected = [c for c in dataset.crm["crm_customers"] if "an" in c["name"].lower()]
-    assert len(expected) > 5
-    assert len(result["matches"]) == 5 and result["more_matches"] is True
+    own, other = dataset.crm["crm_customers"][0], dataset.crm["crm_customers"][1]
+    mine = await crm.find_by_email(f"  {own['email'].upper()} ", customer_id=own["id"])
+    assert mine["customer"]["customer_id"] == own["id"]
+    with pytest.raises(NotFound) as foreign:
+        await crm.find_by_email(other["email"], customer_id=own["id"])
+    with pytest.raises(NotFound) as unknown:
+        await crm.find_by_email("nobody@nowhere.example", customer_id=own["id"])
+    assert foreign.value.message == unknown.value.message  # never confirms the e-mail exists
 
 
-@pytest.mark.parametrize(
-    "key", [{"customer_id": "CUST-9999"}, {"email": "nobody@nowhere.example"}, {"name": "Zzyzx"}]
-)
-async def test_unknown_customer_is_not_found(crm: SqlCrmStore, key: dict[str, str]) -> None:
+async def test_unknown_customer_is_not_found(crm: SqlCrmStore) -> None:
     with pytest.raises(NotFound):
-        await crm.lookup(**key)
+        await crm.lookup("CUST-9999")
+    with pytest.raises(NotFound):
+        await crm.find_by_email("nobody@nowhere.example")
 
 
 async def test_seeding_twice_does_not_duplicate(crm: SqlCrmStore, dataset: DemoDataset) -> None:
@@ -90,6 +75,6 @@ async def test_unreachable_database_is_unavailable() -> None:
     store = SqlCrmStore(engine, url=url)
     try:
         with pytest.raises(Unavailable):
-            await store.lookup(customer_id="CUST-0001")
+            await store.lookup("CUST-0001")
     finally:
         await engine.dispose()

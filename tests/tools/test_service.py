@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from agentmesh.common.v1 import common_pb2
-from agentmesh.tools.v1 import tools_pb2, tools_pb2_grpc
+from agentmesh.tools.v1 import tools_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -22,46 +20,20 @@ from sqlalchemy import func, select
 from services.tools.adapters.sql import billing_refunds, create_engine
 from services.tools.backends import Backends, open_backends
 from services.tools.demo_data import DemoDataset
+from services.tools.output import estimate_tokens
 from services.tools.registry import default_registry
 from services.tools.service import SERVICE_NAME, ToolsService
 from shared.server import GrpcServer
-from tests.tools.conftest import running_server, tools_settings
+from tests.tools.conftest import as_customer, serving_stub, tools_settings
 from tests.tools.fakes import GatedBilling, GatedCrm, GatedKb, HashEmbedder
 
 S = tools_pb2  # brevity in tables
+CUST1 = as_customer("CUST-0001")
 
 
 def _inv(name: str, args: Any, call_id: str = "c1", **kw: Any) -> tools_pb2.ToolInvocation:
     raw = args if isinstance(args, str) else json.dumps(args)
     return tools_pb2.ToolInvocation(call_id=call_id, name=name, arguments_json=raw, **kw)
-
-
-@contextlib.asynccontextmanager
-async def serving_stub(service: ToolsService) -> AsyncIterator[tools_pb2_grpc.ToolServiceStub]:
-    """A stub on a fresh server of `service` (for tests that need their own backends)."""
-    async with (
-        running_server(service) as server,
-        grpc.aio.insecure_channel(server.address) as channel,
-    ):
-        yield tools_pb2_grpc.ToolServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-async def stores_server(
-    tmp_path_factory: pytest.TempPathFactory, dataset: DemoDataset
-) -> AsyncIterator[GrpcServer]:
-    """Real embedded stores (SQLite + local index; hashed embeddings keep it fast)."""
-    settings = tools_settings(tmp_path_factory.mktemp("tools"))
-    backends = await open_backends(settings, embedder=HashEmbedder(), dataset=dataset)
-    async with running_server(ToolsService(settings, backends=backends)) as server:
-        yield server
-    await backends.close()
-
-
-@pytest.fixture
-async def stub(stores_server: GrpcServer) -> AsyncIterator[tools_pb2_grpc.ToolServiceStub]:
-    async with grpc.aio.insecure_channel(stores_server.address) as channel:
-        yield tools_pb2_grpc.ToolServiceStub(channel)
 
 
 async def test_health_and_registry(stores_server: GrpcServer, stub: Any) -> None:
@@ -80,18 +52,27 @@ async def test_health_and_registry(stores_server: GrpcServer, stub: Any) -> None
     for tool in listed.tools:
         assert json.loads(tool.parameters_json_schema)["type"] == "object"
         assert tool.timeout_ms > 0
+    bound = {t.name: (list(t.principal_arguments), t.requires_customer) for t in listed.tools}
+    assert bound == {
+        "billing_credit": (["customer_id"], True),
+        "billing_lookup": (["customer_id"], True),
+        "billing_refund": (["customer_id"], True),
+        "crm_lookup": (["customer_id"], True),
+        "kb_search": ([], False),
+    }
 
 
 async def test_three_tools_in_one_batch_return_real_data(stub: Any) -> None:
     reply = await stub.ExecuteTools(
         tools_pb2.ExecuteToolsRequest(
             invocations=[
-                _inv("crm_lookup", {"customer_id": "CUST-0001"}, "crm"),
+                _inv("crm_lookup", {}, "crm"),
                 _inv("kb_search", {"query": "charged twice refund"}, "kb"),
-                _inv("billing_lookup", {"customer_id": "CUST-0001"}, "bill"),
+                _inv("billing_lookup", {}, "bill"),
             ]
         ),
         timeout=30,
+        metadata=CUST1,
     )
     assert [r.call_id for r in reply.results] == ["crm", "kb", "bill"]
     assert all(r.status == S.TOOL_RESULT_STATUS_OK for r in reply.results)
@@ -117,12 +98,13 @@ async def test_batch_calls_overlap(tmp_path: Path) -> None:
         reply = await stub.ExecuteTools(
             tools_pb2.ExecuteToolsRequest(
                 invocations=[
-                    _inv("crm_lookup", {"customer_id": "CUST-0001"}, "a"),
+                    _inv("crm_lookup", {}, "a"),
                     _inv("kb_search", {"query": "refund"}, "b"),
-                    _inv("billing_lookup", {"customer_id": "CUST-0001"}, "c"),
+                    _inv("billing_lookup", {}, "c"),
                 ]
             ),
             timeout=30,
+            metadata=CUST1,
         )
     assert all(r.status == S.TOOL_RESULT_STATUS_OK for r in reply.results)
     starts = [r.started_at.ToNanoseconds() for r in reply.results]
@@ -141,13 +123,14 @@ async def test_one_failure_never_fails_the_batch(tmp_path: Path) -> None:
         reply = await stub.ExecuteTools(
             tools_pb2.ExecuteToolsRequest(
                 invocations=[
-                    _inv("crm_lookup", {"customer_id": "CUST-0001"}, "ok"),
+                    _inv("crm_lookup", {}, "ok"),
                     _inv("kb_search", {"query": "refund"}, "slow", timeout_ms=100),
-                    _inv("billing_lookup", {"customer_id": "CUST-0001"}, "down"),
+                    _inv("billing_lookup", {}, "down"),
                     _inv("no_such_tool", {}, "unknown"),
                 ]
             ),
             timeout=30,
+            metadata=CUST1,
         )
         assert [r.status for r in reply.results] == [
             S.TOOL_RESULT_STATUS_OK,
@@ -157,10 +140,9 @@ async def test_one_failure_never_fails_the_batch(tmp_path: Path) -> None:
         ]
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.ExecuteTool(
-                tools_pb2.ExecuteToolRequest(
-                    invocation=_inv("billing_lookup", {"customer_id": "CUST-0001"})
-                ),
+                tools_pb2.ExecuteToolRequest(invocation=_inv("billing_lookup", {})),
                 timeout=30,
+                metadata=CUST1,
             )
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
@@ -180,12 +162,13 @@ async def test_real_billing_api_down_is_unavailable_for_that_call_only(
             reply = await stub.ExecuteTools(
                 tools_pb2.ExecuteToolsRequest(
                     invocations=[
-                        _inv("crm_lookup", {"customer_id": "CUST-0002"}, "crm"),
+                        _inv("crm_lookup", {}, "crm"),
                         _inv("kb_search", {"query": "payment failed"}, "kb"),
-                        _inv("billing_lookup", {"customer_id": "CUST-0002"}, "bill"),
+                        _inv("billing_lookup", {}, "bill"),
                     ]
                 ),
                 timeout=30,
+                metadata=as_customer("CUST-0002"),
             )
     finally:
         await backends.close()
@@ -200,15 +183,16 @@ async def test_real_billing_api_down_is_unavailable_for_that_call_only(
 
 
 BAD = [
-    # (invocation, RPC/result status, field named in BadRequest or None)
+    # (invocation, RPC/result status, field named in BadRequest or None); all as CUST-0001
     (_inv("unknown_tool", {}), grpc.StatusCode.NOT_FOUND, None),
     (_inv("kb_search", "{oops"), grpc.StatusCode.INVALID_ARGUMENT, "arguments_json"),
     (_inv("kb_search", {"top_k": 3}), grpc.StatusCode.INVALID_ARGUMENT, "query"),
     (_inv("kb_search", {"query": "x" * 600}), grpc.StatusCode.INVALID_ARGUMENT, "query"),
-    (_inv("crm_lookup", {"customer_id": "bob"}), grpc.StatusCode.INVALID_ARGUMENT, "customer_id"),
+    (_inv("crm_lookup", {"name": "Chloe"}), grpc.StatusCode.INVALID_ARGUMENT, "name"),
     (_inv("crm_lookup", {"customer_id": "CUST-9999"}), grpc.StatusCode.NOT_FOUND, None),
+    (_inv("billing_lookup", {"invoice_id": "INV-99999"}), grpc.StatusCode.NOT_FOUND, None),
     (
-        _inv("billing_lookup", {"customer_id": "CUST-0001", "limit": 0}),
+        _inv("billing_lookup", {"limit": 0}),
         grpc.StatusCode.INVALID_ARGUMENT,
         "limit",
     ),
@@ -248,7 +232,9 @@ async def test_bad_input_single_call_is_the_rpc_status(
     stub: Any, invocation: tools_pb2.ToolInvocation, code: grpc.StatusCode, field: str | None
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.ExecuteTool(tools_pb2.ExecuteToolRequest(invocation=invocation), timeout=10)
+        await stub.ExecuteTool(
+            tools_pb2.ExecuteToolRequest(invocation=invocation), timeout=10, metadata=CUST1
+        )
     assert caught.value.code() == code
     if field is not None:
         status = rpc_status.from_call(caught.value)
@@ -266,9 +252,11 @@ async def test_bad_input_in_a_batch_is_a_per_call_status(stub: Any) -> None:
     invocations = [inv for inv, _, _ in BAD]
     for i, inv in enumerate(invocations):
         inv.call_id = f"bad-{i}"
-    good = _inv("crm_lookup", {"customer_id": "CUST-0001"}, "good")
+    good = _inv("crm_lookup", {}, "good")
     reply = await stub.ExecuteTools(
-        tools_pb2.ExecuteToolsRequest(invocations=[*invocations, good]), timeout=30
+        tools_pb2.ExecuteToolsRequest(invocations=[*invocations, good]),
+        timeout=30,
+        metadata=CUST1,
     )
     assert [r.status for r in reply.results] == [
         *(_RESULT_STATUS[code] for _, code, _ in BAD),
@@ -286,6 +274,7 @@ async def test_refund_is_exactly_once_under_retry_and_concurrent_duplicates(
         i for i in dataset.billing["billing_invoices"] if i["customer_id"] == "CUST-0005"
     )
     args = {"invoice_id": invoice["id"], "amount": 5.5, "reason": "goodwill gesture"}
+    cust5 = as_customer("CUST-0005")
 
     def call(key: str) -> Any:
         return stub.ExecuteTool(
@@ -293,6 +282,7 @@ async def test_refund_is_exactly_once_under_retry_and_concurrent_duplicates(
                 invocation=_inv("billing_refund", args, idempotency_key=key)
             ),
             timeout=30,
+            metadata=cust5,
         )
 
     first = (await call("svc-retry")).result
@@ -301,6 +291,7 @@ async def test_refund_is_exactly_once_under_retry_and_concurrent_duplicates(
     assert not first.replayed and retried.replayed
     assert retried.result_json == first.result_json
     assert json.loads(first.result_json)["amount"] == 5.5
+    assert json.loads(first.result_json)["customer_id"] == "CUST-0005"
 
     replies = await asyncio.gather(*(call("svc-concurrent") for _ in range(6)))
     batch = await stub.ExecuteTools(
@@ -311,6 +302,7 @@ async def test_refund_is_exactly_once_under_retry_and_concurrent_duplicates(
             ]
         ),
         timeout=30,
+        metadata=cust5,
     )
     results = [r.result for r in replies] + list(batch.results)
     assert all(r.status == S.TOOL_RESULT_STATUS_OK for r in results)
@@ -338,6 +330,7 @@ async def test_refund_is_exactly_once_under_retry_and_concurrent_duplicates(
                 )
             ),
             timeout=30,
+            metadata=cust5,
         )
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -349,10 +342,9 @@ async def test_long_output_is_truncated_and_counted(tmp_path: Path, dataset: Dem
     try:
         async with serving_stub(service) as stub:
             reply = await stub.ExecuteTool(
-                tools_pb2.ExecuteToolRequest(
-                    invocation=_inv("billing_lookup", {"customer_id": "CUST-0001", "limit": 6})
-                ),
+                tools_pb2.ExecuteToolRequest(invocation=_inv("billing_lookup", {"limit": 6})),
                 timeout=30,
+                metadata=CUST1,
             )
     finally:
         await backends.close()
@@ -364,6 +356,19 @@ async def test_long_output_is_truncated_and_counted(tmp_path: Path, dataset: Dem
         "agentmesh_tool_output_truncated_total", {"tool": "billing_lookup"}
     )
     assert value == 1.0
+
+
+async def test_default_ceiling_leaves_a_full_lookup_whole(stub: Any, dataset: DemoDataset) -> None:
+    """The tools service only cuts at its transport ceiling; the orchestrator budgets tokens."""
+    reply = await stub.ExecuteTool(
+        tools_pb2.ExecuteToolRequest(invocation=_inv("billing_lookup", {"limit": 24})),
+        timeout=30,
+        metadata=CUST1,
+    )
+    assert not reply.result.truncated
+    assert estimate_tokens(reply.result.result_json) > 1000  # the old cut would have hit it
+    invoices = [i for i in dataset.billing["billing_invoices"] if i["customer_id"] == "CUST-0001"]
+    assert len(json.loads(reply.result.result_json)["invoices"]) == len(invoices)
 
 
 async def test_too_large_batch_is_refused(stub: Any) -> None:

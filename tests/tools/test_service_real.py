@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from services.tools.adapters.kb import MiniLmEmbedder
 from services.tools.adapters.sql import create_engine, crm_customers
 from services.tools.service import ToolsService
-from tests.tools.conftest import running_server, tools_settings
+from tests.tools.conftest import as_customer, running_server, tools_settings
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ async def test_warm_up_seeds_and_three_real_calls_overlap(
                         tools_pb2.ToolInvocation(
                             call_id="crm",
                             name="crm_lookup",
-                            arguments_json=json.dumps({"customer_id": "CUST-0200"}),
+                            arguments_json="{}",
                         ),
                         tools_pb2.ToolInvocation(
                             call_id="kb",
@@ -43,17 +43,18 @@ async def test_warm_up_seeds_and_three_real_calls_overlap(
                         tools_pb2.ToolInvocation(
                             call_id="bill",
                             name="billing_lookup",
-                            arguments_json=json.dumps({"customer_id": "CUST-0001"}),
+                            arguments_json="{}",
                         ),
                     ]
                 ),
                 timeout=60,
+                metadata=as_customer("CUST-0200"),
             )
     assert all(r.status == tools_pb2.TOOL_RESULT_STATUS_OK for r in reply.results)
     crm, kb, bill = (json.loads(r.result_json) for r in reply.results)
     assert crm["customer"]["customer_id"] == "CUST-0200"  # the full 200-customer data set
     assert kb["results"][0]["article_id"] == "KB-1002"
-    assert bill["alerts"]
+    assert bill["customer_id"] == "CUST-0200" and bill["invoices"]
     starts = [r.started_at.ToNanoseconds() for r in reply.results]
     ends = [r.finished_at.ToNanoseconds() for r in reply.results]
     assert max(starts) < min(ends)

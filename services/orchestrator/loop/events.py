@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from services.orchestrator.loop.types import Message, Usage
+from services.orchestrator.loop.types import Action, Message, Usage
 
 
 @dataclass(frozen=True)
@@ -16,11 +16,18 @@ class TurnStarted:
 
 
 @dataclass(frozen=True)
+class PlannedCall:
+    tool: str
+    intent: str = ""
+
+
+@dataclass(frozen=True)
 class PlanMade:
     text: str
     chosen_tools: tuple[str, ...]
     lane: str
     round: int
+    calls: tuple[PlannedCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,10 +77,25 @@ class MessagesCommitted:
     tool_calls_executed: int = 0
 
 
+@dataclass(frozen=True)
+class ActionProposed:
+    """A write was proposed, not executed; the agent layer stores it with the session."""
+
+    action: Action
+
+
+@dataclass(frozen=True)
+class ActionResolved:
+    """A confirmed action ran (EXECUTED / FAILED) or a pending one was rejected."""
+
+    action: Action
+
+
 class Outcome(enum.Enum):
     COMPLETED = "completed"
     BUDGET_EXHAUSTED = "budget_exhausted"
     FAILED = "failed"
+    AWAITING_CONFIRMATION = "awaiting_confirmation"
 
 
 @dataclass
@@ -108,6 +130,8 @@ class TurnCompleted:
     tool_calls: int
     task_tool_calls: int
     notes: tuple[str, ...]
+    # Sequential LLM stages (parallel generations inside one stage count once).
+    llm_stages: int = 0
 
 
 TurnEvent = (
@@ -118,5 +142,7 @@ TurnEvent = (
     | Escalated
     | ComposeText
     | MessagesCommitted
+    | ActionProposed
+    | ActionResolved
     | TurnCompleted
 )

@@ -20,10 +20,15 @@ from services.orchestrator.loop.types import (
     GenerateResult,
     LaneRequest,
     Message,
+    Principal,
+    TokenCount,
+    ToolCallsChosen,
     ToolDef,
     ToolInvocation,
     ToolOutcome,
 )
+
+AnswerItem = ComposeDelta | ToolCallsChosen | ComposeDone
 
 
 class InferencePort(Protocol):
@@ -56,16 +61,33 @@ class InferencePort(Protocol):
         per tool, submitted together, else one generation for all of them."""
         ...
 
-    def compose(
+    def answer(
         self,
         messages: Sequence[Message],
         tools: Sequence[ToolDef],
         lane: LaneRequest,
         *,
+        tool_choice: str,
+        max_calls: int,
         max_tokens: int,
         timeout_s: float,
-    ) -> AsyncGenerator[ComposeDelta | ComposeDone, None]:
-        """Text deltas as generated, then exactly one ComposeDone."""
+    ) -> AsyncGenerator[AnswerItem, None]:
+        """Continue or answer, in the lane's native function-calling format: text deltas as
+        generated, or one ToolCallsChosen; then exactly one ComposeDone. ``tool_choice``:
+        "none" (text only), "auto" (text or calls) or "required" (calls)."""
+        ...
+
+    async def count_tokens(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDef],
+        lane: LaneRequest,
+        *,
+        texts: Sequence[str] = (),
+        truncate_to: int = 0,
+        timeout_s: float,
+    ) -> TokenCount:
+        """Token counts in the lane's tokenizer (no engine work)."""
         ...
 
 
@@ -73,7 +95,12 @@ class ToolsPort(Protocol):
     async def list_tools(self, *, timeout_s: float) -> list[ToolDef]: ...
 
     async def execute(
-        self, invocations: Sequence[ToolInvocation], *, timeout_s: float
+        self,
+        invocations: Sequence[ToolInvocation],
+        *,
+        principal: Principal,
+        timeout_s: float,
     ) -> list[ToolOutcome]:
-        """Runs the batch concurrently; results in invocation order, one per call."""
+        """Runs the batch concurrently on behalf of ``principal`` (the tools service
+        enforces it); results in invocation order, one per call."""
         ...

@@ -12,44 +12,55 @@ from typing import Any
 from services.orchestrator.loop.types import Message, Role, ToolDef
 
 
-def plan_schema(tool_names: Sequence[str], max_tools: int) -> str:
-    """The plan's JSON schema: tools first (so a cut-off plan still names them), then done,
-    then a short reasoning."""
+def plan_schema(tool_names: Sequence[str], max_tools: int, intent_max_chars: int) -> str:
+    """The plan's JSON schema: the calls first (so a cut-off plan still names them), each with
+    a short intent the emission stage reads, then a short reasoning."""
     schema: dict[str, Any] = {
         "type": "object",
         "properties": {
-            "tools": {
+            "calls": {
                 "type": "array",
-                "items": {"type": "string", "enum": list(tool_names)},
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "tool": {"type": "string", "enum": list(tool_names)},
+                        "intent": {"type": "string", "maxLength": intent_max_chars},
+                    },
+                    "required": ["tool", "intent"],
+                    "additionalProperties": False,
+                },
                 "maxItems": max(1, max_tools),
             },
-            "done": {"type": "boolean"},
-            "reasoning": {"type": "string"},
+            "reasoning": {"type": "string", "maxLength": 200},
         },
-        "required": ["tools", "done", "reasoning"],
+        "required": ["calls", "reasoning"],
         "additionalProperties": False,
     }
     return json.dumps(schema, separators=(",", ":"))
 
 
-def plan_instruction(tool_names: Sequence[str], max_tools: int, round_no: int) -> Message:
-    after = "" if round_no == 1 else " The tool results above are what earlier calls returned."
+def plan_instruction(
+    tool_names: Sequence[str], max_tools: int, defaults: Sequence[str], signed_in: bool
+) -> Message:
+    usual = [n for n in defaults if n in tool_names]
+    usually = f" Usually that is {', '.join(usual)}." if usual else ""
+    who = "" if signed_in else " The customer is not signed in: only help-center search works."
     return Message(
         Role.SYSTEM,
-        f"Plan step {round_no}.{after} Choose the tools to call now (at most {max_tools}) from "
-        f"{', '.join(tool_names)}; set done to true when you can already answer. "
-        'Reply with JSON only: {"tools": [...], "done": true|false, "reasoning": "..."}.',
+        f"Plan the tools to call for the customer's last message (at most {max_tools}) from "
+        f"{', '.join(tool_names)}.{usually} Call none for greetings or thanks; only kb_search "
+        f"for how-to questions.{who} Give each call a short intent. Reply with JSON only: "
+        '{"calls": [{"tool": "...", "intent": "..."}], "reasoning": "..."}.',
     )
 
 
-def tool_call_instruction(names: Sequence[str], customer_id: str = "") -> Message:
-    """Last message before emission. Parallel emission runs one generation per tool, so no
-    call sees a sibling's arguments: the facts every call needs are repeated here, next to
-    where the model writes them."""
-    about = f" The customer is {customer_id}." if customer_id else ""
+def tool_call_instruction(calls: Sequence[tuple[str, str]]) -> Message:
+    """Last message before emission: each call with the plan's intent for it. Parallel
+    emission runs one generation per tool, so every call sees the whole plan here."""
+    parts = [f"{name} ({intent})" if intent else name for name, intent in calls]
     return Message(
         Role.SYSTEM,
-        f"Call {', '.join(names)} now with arguments taken from the conversation.{about}",
+        f"Call {', '.join(parts)} now with arguments taken from the conversation.",
     )
 
 
@@ -66,14 +77,27 @@ def reprompt_with_schema(failures: dict[str, str], tools: dict[str, ToolDef]) ->
     return Message(Role.SYSTEM, "\n".join(lines))
 
 
-def customer_context(customer_id: str) -> Message | None:
+def customer_context(customer_id: str) -> Message:
     if not customer_id:
-        return None
+        return Message(
+            Role.SYSTEM,
+            "The customer is not signed in: you can search the help center, but you cannot "
+            "see or change any account. If the answer needs their account, ask them to sign in.",
+        )
     return Message(Role.SYSTEM, f"This conversation is about customer {customer_id}.")
 
 
-def compose_instruction(notes: Sequence[str]) -> Message:
+def answer_instruction(
+    notes: Sequence[str], may_call_tools: bool, proposed: Sequence[str]
+) -> Message:
     text = "Write the reply to the customer now, using the tool results above. Be brief."
+    if may_call_tools:
+        text += " If you still need data to answer, call a tool instead."
+    if proposed:
+        text += (
+            " You proposed: " + "; ".join(proposed) + ". It runs only after the customer "
+            "confirms: ask them to confirm, do not say it is done."
+        )
     if notes:
         text += " Some things could not be done: " + "; ".join(notes) + ". Say so plainly."
     return Message(Role.SYSTEM, text)
@@ -81,39 +105,37 @@ def compose_instruction(notes: Sequence[str]) -> Message:
 
 @dataclass(frozen=True)
 class ParsedPlan:
-    tools: tuple[str, ...]
-    done: bool
+    calls: tuple[tuple[str, str], ...]
     reasoning: str
     parsed: bool
 
+    @property
+    def tools(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.calls)
 
-_TOOLS_RE = re.compile(r'"tools"\s*:\s*\[([^\]]*)')
-_DONE_RE = re.compile(r'"done"\s*:\s*(true|false)')
-_NAME_RE = re.compile(r'"([A-Za-z0-9_.-]+)"')
+
+_TOOL_RE = re.compile(r'"tool"\s*:\s*"([A-Za-z0-9_.-]+)"(?:\s*,\s*"intent"\s*:\s*"([^"]*))?')
 
 
 def parse_plan(text: str, known: Sequence[str]) -> ParsedPlan:
-    """The plan as decoded; a plan cut off by max_tokens is salvaged field by field."""
+    """The plan as decoded; a plan cut off by max_tokens is salvaged call by call."""
     known_set = set(known)
     try:
         data = json.loads(text)
     except ValueError:
         data = None
+    found: dict[str, str] = {}
     if isinstance(data, dict):
-        raw_tools = data.get("tools", [])
-        names = [n for n in raw_tools if isinstance(n, str)] if isinstance(raw_tools, list) else []
+        raw = data.get("calls", [])
+        for item in raw if isinstance(raw, list) else []:
+            if isinstance(item, dict) and item.get("tool") in known_set:
+                found.setdefault(str(item["tool"]), str(item.get("intent", "")).strip())
         return ParsedPlan(
-            tools=tuple(dict.fromkeys(n for n in names if n in known_set)),
-            done=bool(data.get("done", False)),
+            calls=tuple(found.items()),
             reasoning=str(data.get("reasoning", "")).strip(),
             parsed=True,
         )
-    tools_match = _TOOLS_RE.search(text)
-    names = _NAME_RE.findall(tools_match.group(1)) if tools_match else []
-    done_match = _DONE_RE.search(text)
-    return ParsedPlan(
-        tools=tuple(dict.fromkeys(n for n in names if n in known_set)),
-        done=bool(done_match and done_match.group(1) == "true"),
-        reasoning=text.strip()[:300],
-        parsed=False,
-    )
+    for match in _TOOL_RE.finditer(text):
+        if match.group(1) in known_set:
+            found.setdefault(match.group(1), (match.group(2) or "").strip())
+    return ParsedPlan(calls=tuple(found.items()), reasoning=text.strip()[:300], parsed=False)

@@ -1,5 +1,9 @@
-"""One agent turn: plan -> emit tool calls in parallel -> execute concurrently -> observe ->
-(another round while within caps) -> streamed compose.
+"""One agent turn, as a list of stages over one typed state:
+
+    fit context -> plan -> emit (one batched parallel generation) -> execute -> observe
+    -> continue-or-answer (streamed; a tool call opens another round within the caps)
+
+A confirmed action skips planning: execute exactly the stored action -> answer.
 
 The runner holds no gRPC and no storage: it reads a TurnInput, talks through the ports, and
 yields domain events. Every downstream call gets the time left in the turn (turn budget ∩ task
@@ -9,134 +13,49 @@ turn; cancelling the consuming task cancels the in-flight downstream call.
 
 from __future__ import annotations
 
-import asyncio
-import json
+import dataclasses
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import aclosing
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 
 from services.orchestrator.loop import prompts
+from services.orchestrator.loop.actions import WriteCheck, default_write_checks
+from services.orchestrator.loop.context import fit_context
+from services.orchestrator.loop.deps import Deps
 from services.orchestrator.loop.events import (
+    ActionResolved,
     ComposeText,
-    Escalated,
-    EscalationKind,
-    LaneUsage,
     Latency,
     MessagesCommitted,
     Outcome,
-    PlanMade,
     ToolCallFinished,
     ToolCallStarted,
     TurnCompleted,
     TurnEvent,
     TurnStarted,
 )
-from services.orchestrator.loop.policy import AgentProfile, Caps
+from services.orchestrator.loop.policy import AgentProfile
 from services.orchestrator.loop.ports import InferencePort, ToolsPort
-from services.orchestrator.loop.safety import WriteIntentPolicy, idempotency_key
+from services.orchestrator.loop.stages.answer import answer
+from services.orchestrator.loop.stages.emit import emit_round, sort_emitted
+from services.orchestrator.loop.stages.execute import execute, observe
+from services.orchestrator.loop.stages.plan import plan, select
+from services.orchestrator.loop.state import NoteKind, TurnInput, TurnState
 from services.orchestrator.loop.types import (
-    ComposeDone,
-    Effect,
+    Action,
+    ActionState,
     EmittedCall,
-    GenerateResult,
-    GenerationStats,
-    LaneRequest,
     Message,
     Role,
     ToolCall,
-    ToolDef,
     ToolInvocation,
     ToolOutcome,
-    canonical_args,
 )
 from shared.deadlines import Deadline
-from shared.errors import AgentmeshError, DeadlineExceeded
+from shared.errors import AgentmeshError
 
-REFUSED = "REFUSED"
-SKIPPED_DUPLICATE = "SKIPPED_DUPLICATE"
-SKIPPED_CAP = "SKIPPED_CAP"
-INVALID_ARGUMENT = "INVALID_ARGUMENT"
-T = TypeVar("T")
-REFUSAL_TEXT = "write action refused: the user did not ask for it in this conversation"
-TRUNCATION_MARKER = "\n[... truncated by the orchestrator ...]"
+__all__ = ["TurnInput", "TurnRunner"]
 
-
-@dataclass(frozen=True)
-class TurnInput:
-    session_id: str
-    turn_index: int
-    history: tuple[Message, ...]
-    user_message: str
-    registry: tuple[ToolDef, ...]
-    caps: Caps
-    customer_id: str = ""
-    task_tool_calls: int = 0
-    task_time_used_s: float = 0.0
-    # Forces one lane for every stage; empty: automatic selection and escalation.
-    forced_lane: str = ""
-    # The caller's RPC deadline, if any.
-    deadline: Deadline | None = None
-
-    @property
-    def turn_id(self) -> str:
-        return f"{self.session_id}-t{self.turn_index}"
-
-
-@dataclass
-class _Turn:
-    """Mutable state of one running turn."""
-
-    inp: TurnInput
-    turn_deadline: Deadline
-    tools_deadline: Deadline
-    messages: list[Message]
-    tools: dict[str, ToolDef]
-    user_texts: list[str]
-    calls: int = 0
-    call_seq: int = 0
-    seen: set[tuple[str, str]] = field(default_factory=set)
-    notes: list[str] = field(default_factory=list)
-    exhausted: bool = False
-    # A write the user did not ask for was declined: the answer must say so.
-    refused: bool = False
-    failed: bool = False
-    tool_level: int = 0
-    lane_escalations: int = 0
-    usage: dict[str, LaneUsage] = field(default_factory=dict)
-    latency: Latency = field(default_factory=Latency)
-
-    @property
-    def task_calls(self) -> int:
-        return self.inp.task_tool_calls + self.calls
-
-    def calls_left(self) -> int:
-        caps = self.inp.caps
-        return max(
-            0,
-            min(
-                caps.max_tool_calls_per_turn - self.calls,
-                caps.max_tool_calls_per_task - self.task_calls,
-            ),
-        )
-
-    def cap_note(self) -> str:
-        caps = self.inp.caps
-        if self.task_calls >= caps.max_tool_calls_per_task or (
-            caps.max_tool_calls_per_task - self.task_calls
-            < caps.max_tool_calls_per_turn - self.calls
-        ):
-            return f"the task's tool-call cap ({caps.max_tool_calls_per_task}) was reached"
-        return f"the turn's tool-call cap ({caps.max_tool_calls_per_turn}) was reached"
-
-    def note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
-
-    def refuse(self, name: str) -> None:
-        self.refused = True
-        self.note(f"{name} was refused: the user did not ask for that action")
+SORRY = "I'm sorry, I could not finish this request."
 
 
 class TurnRunner:
@@ -148,552 +67,305 @@ class TurnRunner:
         tools: ToolsPort,
         profile: AgentProfile,
         *,
+        checks: Mapping[str, WriteCheck] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._inference = inference
-        self._tools = tools
-        self._profile = profile
-        self._intent = WriteIntentPolicy(profile.write_intent_keywords)
-        self._clock = clock
+        self._d = Deps(
+            inference=inference,
+            tools=tools,
+            profile=profile,
+            checks=dict(default_write_checks() if checks is None else checks),
+            clock=clock,
+        )
+
+    @property
+    def profile(self) -> AgentProfile:
+        return self._d.profile
 
     # ------------------------------------------------------------------ the turn
 
     async def run(self, inp: TurnInput) -> AsyncGenerator[TurnEvent, None]:
-        started = self._clock()
-        profile = self._profile
+        d = self._d
+        started = d.clock()
+        st = self._state(inp)
+        yield TurnStarted(turn_id=inp.turn_id, turn_index=inp.turn_index)
+        yield MessagesCommitted((st.user,))
+        await self._fit(st)
+
+        if inp.confirmed_action is not None:
+            async for event in self._confirmed(st, inp.confirmed_action):
+                yield event
+        elif inp.caps.task_budget_s - inp.task_time_used_s <= 0:
+            st.note(
+                NoteKind.BUDGET, f"the task's time budget ({inp.caps.task_budget_s:g} s) is used up"
+            )
+        else:
+            planned: list[tuple[str, str]] = []
+            async for event in plan(d, st, planned):
+                yield event
+            if planned:
+                async for event in emit_round(d, st, planned, round_no=1):
+                    yield event
+
+        while not st.has(NoteKind.ANSWER_FAILED):
+            chosen: list[EmittedCall] = []
+            async for event in answer(d, st, chosen):
+                yield event
+            if not chosen:
+                break
+            async for event in self._follow_up(st, chosen):
+                yield event
+
+        async for event in self._finish(st, started):
+            yield event
+
+    def _state(self, inp: TurnInput) -> TurnState:
+        profile = self._d.profile
         caps = inp.caps
         task_left = max(0.0, caps.task_budget_s - inp.task_time_used_s)
         turn_deadline = Deadline.after(min(caps.turn_budget_s, task_left)).earliest(inp.deadline)
-        tools_deadline = Deadline(turn_deadline.expires_at - profile.compose_reserve_s)
-        user_msg = Message(Role.USER, inp.user_message)
-        base: list[Message] = [Message(Role.SYSTEM, profile.system_prompt)]
-        context = prompts.customer_context(inp.customer_id)
-        if context is not None:
-            base.append(context)
-        turn = _Turn(
+        principal = inp.principal
+        allowed = set(profile.allowed_tools)
+        usable = [
+            t for t in inp.registry if principal.may_use(t) and (not allowed or t.name in allowed)
+        ]
+        return TurnState(
             inp=inp,
             turn_deadline=turn_deadline,
-            tools_deadline=tools_deadline,
-            messages=[*base, *self._history(inp.history), user_msg],
-            tools={t.name: t for t in inp.registry},
-            user_texts=[m.content for m in inp.history if m.role is Role.USER] + [inp.user_message],
-        )
-        yield TurnStarted(turn_id=inp.turn_id, turn_index=inp.turn_index)
-        yield MessagesCommitted((user_msg,))
-        if task_left <= 0:
-            turn.exhausted = True
-            turn.note(f"the task's time budget ({caps.task_budget_s:g} s) is used up")
-
-        async for event in self._tool_rounds(turn):
-            yield event
-        async for event in self._compose(turn):
-            yield event
-
-        turn.latency.total = self._clock() - started
-        if turn.failed:
-            outcome = Outcome.FAILED
-        elif turn.exhausted:
-            outcome = Outcome.BUDGET_EXHAUSTED
-        else:
-            outcome = Outcome.COMPLETED
-        answer = turn.messages[-1].content if turn.messages[-1].role is Role.ASSISTANT else ""
-        yield TurnCompleted(
-            turn_id=inp.turn_id,
-            answer=answer,
-            outcome=outcome,
-            usage=tuple(turn.usage.values()),
-            latency=turn.latency,
-            tool_calls=turn.calls,
-            task_tool_calls=turn.task_calls,
-            notes=tuple(turn.notes),
+            tools_deadline=Deadline(turn_deadline.expires_at - profile.compose_reserve_s),
+            base=[
+                Message(Role.SYSTEM, profile.system_prompt),
+                prompts.customer_context(inp.customer_id),
+            ],
+            history=self._history(inp.history),
+            user=Message(Role.USER, inp.user_message),
+            tools={t.name: t for t in usable},
+            model_tools=tuple(t.model_view() for t in usable),
+            observe_tokens=profile.observe_max_tokens,
         )
 
     def _history(self, history: Sequence[Message]) -> list[Message]:
-        """Earlier turns as the prompt sees them: without old tool traffic (unless kept) and
-        cut from the oldest end to the character budget, so prompts fit the lane's context."""
-        profile = self._profile
-        kept = [
-            m
-            for m in history
-            if profile.keep_past_tool_results or (m.role is not Role.TOOL and not m.tool_calls)
-        ]
-        total = 0
-        start = len(kept)
-        for i in range(len(kept) - 1, -1, -1):
-            total += len(kept[i].content) + sum(len(c.arguments_json) for c in kept[i].tool_calls)
-            if total > profile.history_max_chars:
-                break
-            start = i
-        kept = kept[start:]
-        while kept and kept[0].role is Role.TOOL:  # never start with orphaned tool results
-            kept.pop(0)
-        return kept
+        """Earlier turns as the prompt sees them: without old tool traffic unless kept."""
+        keep = self._d.profile.keep_past_tool_results
+        return [m for m in history if keep or (m.role is not Role.TOOL and not m.tool_calls)]
 
-    # ------------------------------------------------------------------ rounds
-
-    async def _tool_rounds(self, turn: _Turn) -> AsyncIterator[TurnEvent]:
-        profile = self._profile
-        caps = turn.inp.caps
-        names = list(turn.tools)
-        if not names:
-            turn.note("no tools were available")
-            return
-        if turn.exhausted:
-            return
-        last_done = True
-        for round_no in range(1, caps.max_rounds_per_turn + 1):
-            left = turn.calls_left()
-            if left == 0:
-                turn.exhausted = True
-                turn.note(turn.cap_note())
-                return
-            needed = profile.min_round_s + profile.deadline_margin_s
-            if turn.tools_deadline.time_remaining() < needed:
-                turn.exhausted = True
-                turn.note("the turn's time budget ran out before more tools could run")
-                return
-
-            result: GenerateResult | None = None
-            t0 = self._clock()
-            try:
-                messages = [*turn.messages, prompts.plan_instruction(names, left, round_no)]
-                result = await self._bounded(
-                    self._inference.plan(
-                        messages,
-                        turn.inp.registry,
-                        self._lane("plan", 0, turn),
-                        json_schema=prompts.plan_schema(names, left),
-                        max_tokens=profile.plan_max_tokens,
-                        timeout_s=self._timeout(turn.tools_deadline),
+    async def _fit(self, st: TurnState) -> None:
+        """Budget the prompt to the lane's window in its own tokens (see loop/context.py)."""
+        d = self._d
+        profile = d.profile
+        try:
+            fitted = await d.bounded(
+                fit_context(
+                    d.inference,
+                    d.lane("plan", 0, st),
+                    base=st.base,
+                    history=st.history,
+                    user=st.user,
+                    tools=st.model_tools,
+                    max_output_tokens=max(
+                        profile.compose_max_tokens,
+                        profile.plan_max_tokens,
+                        profile.tool_call_max_tokens or 0,
                     ),
-                    turn.tools_deadline,
-                )
-                plan = prompts.parse_plan(result.text, names)
-                self._account(turn, result.stats, self._clock() - t0, stage="plan")
-            except DeadlineExceeded:
-                turn.latency.plan += self._clock() - t0
-                turn.exhausted = True
-                turn.note("the turn's time budget ran out while planning")
-                return
-            except AgentmeshError as exc:
-                turn.latency.plan += self._clock() - t0
-                turn.note(f"planning failed ({exc.code.name.lower()})")
-                if round_no > 1 or profile.min_tools_first_round == 0:
-                    return
-                plan = prompts.ParsedPlan(tools=(), done=False, reasoning="", parsed=False)
-
-            chosen = self._choose(plan.tools, plan.done, round_no, turn)
-            last_done = plan.done and not profile.always_use_tools
-            if len(chosen) > left:
-                turn.exhausted = True
-                turn.note(turn.cap_note())
-                chosen = chosen[:left]
-            yield PlanMade(
-                text=plan.reasoning,
-                chosen_tools=tuple(chosen),
-                lane=result.stats.lane if result is not None else "",
-                round=round_no,
+                    max_calls=min(st.calls_left(), st.inp.caps.max_tool_calls_per_turn),
+                    observe_max_tokens=profile.observe_max_tokens,
+                    user_max_share=profile.user_message_max_share,
+                    margin_tokens=profile.context_margin_tokens,
+                    timeout_s=d.timeout(st.tools_deadline),
+                ),
+                st.tools_deadline,
             )
-            if not chosen:
-                return
+        except AgentmeshError as exc:
+            st.note(
+                NoteKind.CONTEXT, f"the context could not be measured ({exc.code.name.lower()})"
+            )
+            return
+        st.history = fitted.history
+        st.user = fitted.user
+        st.observe_tokens = fitted.observe_tokens
+        if fitted.dropped_messages:
+            st.note(NoteKind.CONTEXT, f"{fitted.dropped_messages} older messages left out to fit")
+        if fitted.user_cut:
+            st.note(NoteKind.CONTEXT, "the message was cut to fit the context window")
 
-            ran_before = turn.calls
-            async for event in self._tool_round(turn, chosen, round_no):
+    async def _follow_up(
+        self, st: TurnState, chosen: list[EmittedCall]
+    ) -> AsyncIterator[TurnEvent]:
+        """Calls the continue-or-answer stage opened: one more round."""
+        d = self._d
+        st.rounds += 1
+        names = list(dict.fromkeys(c.call.name for c in chosen if c.call.name in st.tools))
+        failed, good = sort_emitted(names, chosen)
+        invalid: dict[str, str] = {}
+        if good:
+            async for event in execute(d, st, [c.call for c in good], st.rounds, invalid):
                 yield event
-            if turn.calls == ran_before:
-                # Nothing new ran (all repeated, refused or invalid): another round won't help.
-                return
-            if turn.exhausted:
-                return
-        if not last_done and caps.max_rounds_per_turn > 1:
-            # Having seen results, the model still wanted more: say the cap stopped it.
-            turn.exhausted = True
-            turn.note(f"stopped after {caps.max_rounds_per_turn} tool rounds (the turn's cap)")
-
-    def _choose(self, planned: Sequence[str], done: bool, round_no: int, turn: _Turn) -> list[str]:
-        profile = self._profile
-        required = profile.required_first_round_tools if round_no == 1 else []
-        chosen = [n for n in dict.fromkeys([*required, *planned]) if n in turn.tools]
-        # "done" ends the tool loop; only the first round's policy minimum still applies.
-        if (
-            done
-            and not profile.always_use_tools
-            and (round_no > 1 or (profile.min_tools_first_round == 0 and not required))
-        ):
-            return []
-        want = 0
-        if round_no == 1:
-            want = profile.min_tools_first_round
-        if profile.always_use_tools:
-            want = max(profile.min_tools_first_round, 1)
-        if len(chosen) < want:
-            order = profile.preferred_tools or [
-                t.name for t in turn.inp.registry if t.effect is Effect.READ
-            ]
-            for name in order:
-                if len(chosen) >= want:
-                    break
-                if name in turn.tools and name not in chosen:
-                    chosen.append(name)
-        return chosen
-
-    # ------------------------------------------------------------------ one round
-
-    async def _tool_round(
-        self, turn: _Turn, names: list[str], round_no: int
-    ) -> AsyncIterator[TurnEvent]:
-        """Emit -> execute -> observe, walking the failure ladder for invalid calls:
-        re-prompt once with the schema, then escalate one lane."""
-        profile = self._profile
-        # The write gate runs before any argument is generated: a write the user did not ask
-        # for is refused whatever its arguments would have been (checked again after emission).
-        pending = []
-        for name in names:
-            if self._write_not_asked_for(turn, turn.tools[name]):
-                turn.refuse(name)
-                yield ToolCallFinished("", name, "", REFUSED, 0.0, False, REFUSAL_TEXT, round_no)
-            else:
-                pending.append(name)
-        feedback: dict[str, str] = {}
-        reprompted = False
-        while pending:
-            level = turn.tool_level
-            lane_name = turn.inp.forced_lane or profile.lane_name(level)
-            override = profile.override_for(lane_name)
-            messages = [
-                *turn.messages,
-                prompts.tool_call_instruction(pending, turn.inp.customer_id),
-            ]
-            if feedback:
-                messages.append(prompts.reprompt_with_schema(feedback, turn.tools))
-            t0 = self._clock()
-            try:
-                emitted = await self._bounded(
-                    self._inference.emit_tool_calls(
-                        messages,
-                        turn.inp.registry,
-                        pending,
-                        self._lane("tool_call", level, turn),
-                        parallel=profile.parallel_tool_calls,
-                        decoding=override.tool_decoding,
-                        max_tokens=override.tool_call_max_tokens or profile.tool_call_max_tokens,
-                        timeout_s=self._timeout(turn.tools_deadline),
-                    ),
-                    turn.tools_deadline,
-                )
-            except DeadlineExceeded:
-                turn.latency.tool_emit += self._clock() - t0
-                turn.exhausted = True
-                turn.note("the turn's time budget ran out while emitting tool calls")
-                return
-            except AgentmeshError as exc:
-                turn.latency.tool_emit += self._clock() - t0
-                turn.note(f"tool calls could not be emitted ({exc.code.name.lower()})")
-                return
-            self._account(turn, emitted.stats, self._clock() - t0, stage="tool_emit")
-
-            failed: dict[str, str] = {}
-            good: list[EmittedCall] = []
-            by_name: dict[str, EmittedCall] = {}
-            for call in emitted.calls:
-                if call.call.name in pending and call.call.name not in by_name:
-                    by_name[call.call.name] = call
-            for name in pending:
-                got = by_name.get(name)
-                if got is None:
-                    failed[name] = "no call was emitted"
-                elif not got.ok:
-                    failed[name] = got.parse_error or "the call did not parse"
-                else:
-                    good.append(got)
-
-            invalid: dict[str, str] = {}
-            if good:
-                async for event in self._execute(turn, [c.call for c in good], round_no, invalid):
-                    yield event
-            failed.update(invalid)
-            if not failed or turn.exhausted:
-                return
-
-            reason = "; ".join(f"{n}: {r}" for n, r in failed.items())
-            if not reprompted:
-                reprompted = True
-                yield Escalated(EscalationKind.REPROMPT_WITH_SCHEMA, lane_name, lane_name, reason)
-            elif (
-                not turn.inp.forced_lane
-                and turn.lane_escalations < profile.max_lane_escalations
-                and level + 1 < max(1, len(profile.lane_ladder))
+        failed.update(invalid)
+        if failed and not st.has(NoteKind.BUDGET):
+            st.rounds -= 1  # the ladder's re-emission belongs to this round
+            async for event in emit_round(
+                d, st, [(n, "") for n in failed], round_no=st.rounds + 1, feedback=failed
             ):
-                turn.lane_escalations += 1
-                turn.tool_level = level + 1
-                yield Escalated(
-                    EscalationKind.LANE_ESCALATION,
-                    lane_name,
-                    profile.lane_name(level + 1),
-                    reason,
-                )
-            else:
-                for name, why in failed.items():
-                    turn.note(f"{name} could not be called with valid arguments")
-                    if name not in invalid:
-                        yield ToolCallFinished(
-                            call_id="",
-                            name=name,
-                            arguments_json="",
-                            status=INVALID_ARGUMENT,
-                            latency_s=0.0,
-                            truncated=False,
-                            error_message=why,
-                            round=round_no,
-                        )
-                return
-            feedback = failed
-            pending = list(failed)
+                yield event
 
-    async def _execute(
-        self,
-        turn: _Turn,
-        calls: list[ToolCall],
-        round_no: int,
-        invalid: dict[str, str],
-    ) -> AsyncIterator[TurnEvent]:
-        """Duplicate stop, write-intent gate and caps, then one concurrent batch; failures
-        become observations, never a failed turn."""
-        inp = turn.inp
-        to_run: list[tuple[ToolCall, ToolInvocation]] = []
-        declined: dict[str, tuple[str, str]] = {}
-        recorded: list[ToolCall] = []
-        for raw in calls:
-            turn.call_seq += 1
-            call = ToolCall(
-                id=f"call_{inp.turn_index}_{round_no}_{turn.call_seq}",
-                name=raw.name,
-                arguments_json=canonical_args(raw.arguments_json),
-            )
-            tool = turn.tools[call.name]
-            signature = (call.name, call.arguments_json)
-            if signature in turn.seen:
-                declined[call.id] = (SKIPPED_DUPLICATE, "identical call already made this turn")
-                turn.note(f"a repeated {call.name} call with the same arguments was stopped")
-            elif len(to_run) >= turn.calls_left():
-                declined[call.id] = (SKIPPED_CAP, turn.cap_note())
-                turn.exhausted = True
-                turn.note(turn.cap_note())
-            elif self._write_not_asked_for(turn, tool):
-                declined[call.id] = (REFUSED, REFUSAL_TEXT)
-                turn.refuse(call.name)
-            else:
-                key = (
-                    idempotency_key(inp.session_id, inp.turn_index, call.name, call.arguments_json)
-                    if tool.effect is Effect.WRITE
-                    else ""
-                )
-                to_run.append(
-                    (
-                        call,
-                        ToolInvocation(
-                            call_id=call.id,
-                            name=call.name,
-                            arguments_json=call.arguments_json,
-                            idempotency_key=key,
-                            timeout_ms=tool.timeout_ms,
-                        ),
-                    )
-                )
-            turn.seen.add(signature)
-            recorded.append(call)
+    # ------------------------------------------------------------------ evaluation
 
-        for call, _ in to_run:
-            yield ToolCallStarted(call.id, call.name, call.arguments_json, round_no)
+    async def select_tools(self, inp: TurnInput) -> tuple[list[str], list[str]]:
+        """The plan stage alone, as a turn runs it: (the tools the plan chose, the tools the
+        profile's selection mode runs). For evaluation on labelled turns and replays."""
+        st = self._state(inp)
+        await self._fit(st)
+        chosen: list[tuple[str, str]] = []
+        async for _ in plan(self._d, st, chosen):
+            pass
+        return list(st.planned), [name for name, _ in chosen]
 
-        outcomes: dict[str, ToolOutcome] = {}
-        if to_run:
-            t0 = self._clock()
+    def apply_selection(self, inp: TurnInput, planned: Sequence[str], mode: str) -> list[str]:
+        """What ``mode`` ("plan" / "default_reads") would run for a plan choosing ``planned``."""
+        profile = self._d.profile.model_copy(update={"tool_selection": mode})
+        st = self._state(inp)
+        chosen = select(
+            dataclasses.replace(self._d, profile=profile), st, [(n, "") for n in planned]
+        )
+        return [name for name, _ in chosen]
+
+    # ------------------------------------------------------------------ confirmed action
+
+    async def _confirmed(self, st: TurnState, action: Action) -> AsyncIterator[TurnEvent]:
+        """Execute exactly the stored action, with its own idempotency key, then answer."""
+        d = self._d
+        st.rounds = st.inp.caps.max_rounds_per_turn  # the answer after it calls no tools
+        tool = st.tools.get(action.tool)
+        call = ToolCall(f"call_{st.inp.turn_index}_1_1", action.tool, action.arguments_json)
+        yield ToolCallStarted(call.id, call.name, call.arguments_json, 1)
+        outcome: ToolOutcome | None = None
+        if tool is None:
+            outcome = ToolOutcome(call.id, call.name, "PERMISSION_DENIED", "tool not available")
+        else:
+            t0 = d.clock()
             try:
-                results = await self._bounded(
-                    self._tools.execute(
-                        [inv for _, inv in to_run],
-                        timeout_s=self._timeout(turn.tools_deadline),
+                results = await d.bounded(
+                    d.tools.execute(
+                        [
+                            ToolInvocation(
+                                call_id=call.id,
+                                name=call.name,
+                                arguments_json=call.arguments_json,
+                                idempotency_key=action.idempotency_key,
+                                timeout_ms=tool.timeout_ms,
+                            )
+                        ],
+                        principal=st.inp.principal,
+                        timeout_s=d.timeout(st.tools_deadline),
                     ),
-                    turn.tools_deadline,
+                    st.tools_deadline,
                 )
-                outcomes = {r.call_id: r for r in results}
-            except AgentmeshError as exc:
-                status = exc.code.name
-                if isinstance(exc, DeadlineExceeded):
-                    turn.exhausted = True
-                    turn.note("the turn's time budget ran out while tools ran")
-                outcomes = {
-                    call.id: ToolOutcome(
-                        call.id, call.name, status, error_message="the tool service failed"
-                    )
-                    for call, _ in to_run
-                }
-            wall = self._clock() - t0
-            turn.latency.tool_wall += wall
-            server = max((o.latency_s for o in outcomes.values()), default=0.0)
-            if server > 0:
-                turn.latency.network += max(0.0, wall - server)
-            turn.calls += len(to_run)
+                outcome = results[0] if results else None
+            except AgentmeshError:
+                outcome = None
+            st.latency.tool_wall += d.clock() - t0
+            st.calls += 1
+        if outcome is None:
+            # The result is unknown: the action stays EXECUTING; confirming again replays it
+            # under the same idempotency key, so money still moves at most once.
+            st.note(
+                NoteKind.ACTION_FAILED,
+                "the action's result could not be confirmed; confirm it again to retry safely",
+            )
+            yield ToolCallFinished(
+                call.id,
+                call.name,
+                call.arguments_json,
+                "UNAVAILABLE",
+                0.0,
+                False,
+                "the tool service failed",
+                1,
+            )
+            return
+        done = dataclasses.replace(
+            action,
+            state=ActionState.EXECUTED if outcome.ok else ActionState.FAILED,
+            resolved_at=time.time(),
+            result_json=outcome.result_json if outcome.ok else "",
+            error_message="" if outcome.ok else outcome.error_message,
+        )
+        if not outcome.ok:
+            st.note(NoteKind.DECLINED, f"{action.summary} failed: {outcome.error_message}")
+        yield ToolCallFinished(
+            call.id,
+            call.name,
+            call.arguments_json,
+            outcome.status,
+            outcome.latency_s,
+            outcome.truncated,
+            outcome.error_message,
+            1,
+        )
+        body = outcome.result_json if outcome.ok else f'{{"error": "{outcome.status}"}}'
+        fenced, _ = await observe(d, st, [call], {call.id: outcome}, {call.id: body})
+        assistant = Message(Role.ASSISTANT, "", tool_calls=(call,))
+        result = Message(Role.TOOL, fenced[call.id], tool_call_id=call.id, name=call.name)
+        st.traffic.extend([assistant, result])
+        yield ActionResolved(done)
+        yield MessagesCommitted((assistant, result), tool_calls_executed=1)
 
-        t_obs = self._clock()
-        finished: list[ToolCallFinished] = []
-        tool_messages: list[Message] = []
-        for call in recorded:
-            if call.id in declined:
-                status, why = declined[call.id]
-                content = f"[{status}] {call.name}: {why}."
-                finished.append(
-                    ToolCallFinished(
-                        call.id, call.name, call.arguments_json, status, 0.0, False, why, round_no
-                    )
-                )
-            else:
-                outcome = outcomes.get(call.id) or ToolOutcome(
-                    call.id, call.name, "INTERNAL", error_message="no result was returned"
-                )
-                content, cut = self._observe(call, outcome)
-                if outcome.status == INVALID_ARGUMENT:
-                    invalid[call.name] = outcome.error_message or "arguments failed validation"
-                elif not outcome.ok:
-                    turn.note(f"{call.name} failed ({outcome.status.lower()})")
-                finished.append(
-                    ToolCallFinished(
-                        call.id,
-                        call.name,
-                        call.arguments_json,
-                        outcome.status,
-                        outcome.latency_s,
-                        outcome.truncated or cut,
-                        outcome.error_message,
-                        round_no,
-                    )
-                )
-            tool_messages.append(Message(Role.TOOL, content, tool_call_id=call.id, name=call.name))
-        assistant = Message(Role.ASSISTANT, "", tool_calls=tuple(recorded))
-        turn.messages.extend([assistant, *tool_messages])
-        turn.latency.observe += self._clock() - t_obs
-        for event in finished:
-            yield event
-        yield MessagesCommitted((assistant, *tool_messages), tool_calls_executed=len(to_run))
+    # ------------------------------------------------------------------ settled actions
 
-    def _write_not_asked_for(self, turn: _Turn, tool: ToolDef) -> bool:
-        """The write gate: only the user's own messages of this task can authorise a write."""
-        return tool.effect is Effect.WRITE and not self._intent.user_asked_for(
-            tool.name, turn.user_texts
+    async def settled(self, inp: TurnInput, action: Action) -> AsyncGenerator[TurnEvent, None]:
+        """A rejected proposal, or a confirmation of one already executed: nothing runs and
+        no model is called; the turn says where the action stands."""
+        yield TurnStarted(turn_id=inp.turn_id, turn_index=inp.turn_index)
+        yield MessagesCommitted((Message(Role.USER, inp.user_message),))
+        yield ActionResolved(action)
+        if action.state is ActionState.EXECUTED:
+            text = f"This was already done: {action.summary}."
+        else:
+            text = f"Understood: I will not do this: {action.summary}."
+        yield ComposeText(text)
+        yield MessagesCommitted((Message(Role.ASSISTANT, text),))
+        yield TurnCompleted(
+            turn_id=inp.turn_id,
+            answer=text,
+            outcome=Outcome.COMPLETED,
+            usage=(),
+            latency=Latency(),
+            tool_calls=0,
+            task_tool_calls=inp.task_tool_calls,
+            notes=(),
+            llm_stages=0,
         )
 
-    def _observe(self, call: ToolCall, outcome: ToolOutcome) -> tuple[str, bool]:
-        """The tool message the model reads: fenced data (the tools service's fence when it sent
-        one), errors as data too, cut to the observation limit."""
-        if outcome.ok:
-            content = outcome.fenced_result or _fence(call.name, "OK", outcome.result_json)
-        else:
-            content = outcome.fenced_result or _fence(
-                call.name, outcome.status, json.dumps({"error": outcome.error_message})
+    # ------------------------------------------------------------------ the end
+
+    async def _finish(self, st: TurnState, started: float) -> AsyncIterator[TurnEvent]:
+        answer_text = st.answer
+        tail = ""
+        if not answer_text.strip():
+            tail = SORRY if not st.notes else "I'm sorry, I could not finish this request in time."
+        told = st.told()
+        if told:
+            tail += ("\n\n" if answer_text.strip() or tail else "") + (
+                "What I could not do: " + "; ".join(told) + "."
             )
-        limit = self._profile.observe_max_chars
-        if len(content) > limit:
-            return content[: limit - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER, True
-        return content, False
-
-    # ------------------------------------------------------------------ compose
-
-    async def _compose(self, turn: _Turn) -> AsyncIterator[TurnEvent]:
-        profile = self._profile
-        parts: list[str] = []
-        messages = [*turn.messages, prompts.compose_instruction(turn.notes)]
-        t0 = self._clock()
-        stats: GenerationStats | None = None
-        if turn.turn_deadline.time_remaining() <= profile.deadline_margin_s + 0.05:
-            turn.exhausted = True
-            turn.note("no time was left to write a full answer")
-        else:
-            try:
-                async with asyncio.timeout(turn.turn_deadline.time_remaining()):
-                    stream = self._inference.compose(
-                        messages,
-                        turn.inp.registry,
-                        self._lane("compose", 0, turn),
-                        max_tokens=profile.compose_max_tokens,
-                        timeout_s=self._timeout(turn.turn_deadline),
-                    )
-                    async with aclosing(stream):
-                        async for item in stream:
-                            if isinstance(item, ComposeDone):
-                                stats = item.stats
-                            elif item.text:
-                                parts.append(item.text)
-                                yield ComposeText(item.text)
-            except (DeadlineExceeded, TimeoutError):
-                turn.exhausted = True
-                turn.note("the turn's time budget ran out while the answer was written")
-            except AgentmeshError as exc:
-                turn.failed = not parts
-                turn.note(f"the answer could not be completed ({exc.code.name.lower()})")
-        wall = self._clock() - t0
-        if stats is not None:
-            self._account(turn, stats, wall, stage="compose")
-            if stats.finish_reason == "LENGTH":
-                turn.note("the answer was cut at its length limit")
-        else:
-            turn.latency.compose += wall
-
-        answer = "".join(parts)  # exactly what the caller saw streamed
-        if not answer.strip():
-            answer = (
-                "I'm sorry, I could not finish this request."
-                if not turn.notes
-                else "I'm sorry, I could not finish this request in time."
+        for action in st.proposals:
+            tail += (
+                f"\n\nProposed, not done yet: {action.summary}. Confirm it to go ahead "
+                f"(action {action.action_id}), or reject it."
             )
-            yield ComposeText(answer)
-        if turn.notes and (turn.exhausted or turn.failed or turn.refused):
-            suffix = "\n\nWhat I could not do: " + "; ".join(turn.notes) + "."
-            yield ComposeText(suffix)
-            answer += suffix
-        final = Message(Role.ASSISTANT, answer)
-        turn.messages.append(final)
+        if tail:
+            yield ComposeText(tail)
+        final = Message(Role.ASSISTANT, answer_text + tail)
         yield MessagesCommitted((final,))
-
-    # ------------------------------------------------------------------ helpers
-
-    def _lane(self, stage: str, level: int, turn: _Turn) -> LaneRequest:
-        return LaneRequest(stage=stage, escalation_level=level, lane=turn.inp.forced_lane)
-
-    def _timeout(self, deadline: Deadline) -> float:
-        return deadline.timeout(self._profile.deadline_margin_s)
-
-    async def _bounded(self, awaitable: Awaitable[T], deadline: Deadline) -> T:
-        """The port call, hard-stopped at the deadline even if the port ignores its timeout."""
-        try:
-            async with asyncio.timeout(max(0.0, deadline.time_remaining())):
-                return await awaitable
-        except TimeoutError as exc:
-            raise DeadlineExceeded("the turn's budget ran out") from exc
-
-    def _account(self, turn: _Turn, stats: GenerationStats, wall: float, *, stage: str) -> None:
-        lane = stats.lane or "unknown"
-        entry = turn.usage.setdefault(lane, LaneUsage(lane=lane, model=stats.model))
-        entry.model = entry.model or stats.model
-        entry.usage.add(stats.usage)
-        entry.generations += max(1, stats.generations)
-        latency = turn.latency
-        if stage == "plan":
-            latency.plan += wall
-        elif stage == "tool_emit":
-            latency.tool_emit += wall
-        else:
-            latency.compose += wall
-        latency.queue_prefill += stats.ttft_s
-        if stats.elapsed_s > 0:
-            latency.network += max(0.0, wall - stats.elapsed_s)
-
-
-def _fence(name: str, status: str, body: str) -> str:
-    """Fallback fence when the tools service sent none; like its fence, the data cannot close
-    the tag (angle brackets become JSON escapes)."""
-    safe = body.replace("<", "\\u003c").replace(">", "\\u003e")
-    return (
-        f'<tool_result name="{name}" status="{status}" trust="untrusted-data">\n'
-        f"{safe}\n</tool_result>"
-    )
+        st.latency.total = self._d.clock() - started
+        yield TurnCompleted(
+            turn_id=st.inp.turn_id,
+            answer=final.content,
+            outcome=st.outcome(),
+            usage=tuple(st.usage.values()),
+            latency=st.latency,
+            tool_calls=st.calls,
+            task_tool_calls=st.task_calls,
+            notes=tuple(n.text for n in st.notes),
+            llm_stages=st.llm_stages,
+        )

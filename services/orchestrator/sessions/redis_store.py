@@ -1,5 +1,10 @@
 """SessionStore on Redis (redis.asyncio): a hash per session, a list of messages, and the turn
-lease as ``SET NX PX`` released by a compare-and-delete script, so it holds across replicas."""
+lease as ``SET NX PX`` released by a compare-and-delete script, so it holds across replicas.
+
+A session's proposed actions live under its key prefix: a hash (action id -> JSON) and a
+list of ids in insertion order. Adding an action also reserves its id store-wide
+(``<prefix>action:<id>``, ``SET NX``), because the idempotency key derives from the id alone.
+Adding and transitioning are Lua scripts, atomic across replicas."""
 
 from __future__ import annotations
 
@@ -10,24 +15,11 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from services.orchestrator.loop.policy import Caps
-from services.orchestrator.loop.types import Message
+from services.orchestrator.loop.types import Action, ActionState, Message
+from services.orchestrator.sessions import redis_scripts
+from services.orchestrator.sessions.action_rules import check_replacement
 from services.orchestrator.sessions.base import SessionRecord, SessionState
-from shared.errors import AlreadyExists
-
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0
-"""
-
-
-# Create the session hash only if the id is free, in one atomic step.
-_CREATE_IF_ABSENT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
-"""
+from shared.errors import AlreadyExists, NotFound
 
 
 class RedisSessionStore:
@@ -44,6 +36,9 @@ class RedisSessionStore:
 
     def _key(self, session_id: str, part: str = "") -> str:
         return f"{self._prefix}session:{session_id}{':' + part if part else ''}"
+
+    def _action_id_key(self, action_id: str) -> str:
+        return f"{self._prefix}action:{action_id}"
 
     async def open(self) -> None:
         self._client = aioredis.from_url(self._url, decode_responses=True)
@@ -73,7 +68,7 @@ class RedisSessionStore:
         }
         flat = [str(item) for pair in fields.items() for item in pair]
         created = await self.client.eval(  # type: ignore[misc]
-            _CREATE_IF_ABSENT, 1, self._key(record.session_id), *flat
+            redis_scripts.CREATE_IF_ABSENT, 1, self._key(record.session_id), *flat
         )
         if not created:
             raise AlreadyExists(
@@ -84,7 +79,9 @@ class RedisSessionStore:
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hgetall(self._key(session_id))
             pipe.lrange(self._key(session_id, "messages"), 0, -1)
-            data, raw_messages = await pipe.execute()
+            pipe.lrange(self._key(session_id, "action_ids"), 0, -1)
+            pipe.hgetall(self._key(session_id, "actions"))
+            data, raw_messages, action_ids, raw_actions = await pipe.execute()
         if not data:
             return None
         return SessionRecord(
@@ -99,6 +96,7 @@ class RedisSessionStore:
             updated_at=float(data["updated_at"]),
             metadata=json.loads(data.get("metadata_json", "{}")),
             messages=[Message.from_dict(json.loads(m)) for m in raw_messages],
+            actions=oldest_first(action_ids, raw_actions),
         )
 
     async def append_messages(
@@ -150,4 +148,57 @@ class RedisSessionStore:
         return bool(await self.client.get(key) == owner)
 
     async def release_lease(self, session_id: str, owner: str) -> None:
-        await self.client.eval(_RELEASE, 1, self._key(session_id, "lease"), owner)  # type: ignore[misc]
+        await self.client.eval(
+            redis_scripts.RELEASE_LEASE, 1, self._key(session_id, "lease"), owner
+        )  # type: ignore[misc]
+
+    async def add_action(self, action: Action) -> None:
+        sid, aid = action.session_id, action.action_id
+        outcome = await self.client.eval(  # type: ignore[misc]
+            redis_scripts.ADD_ACTION,
+            4,
+            self._key(sid),
+            self._action_id_key(aid),
+            self._key(sid, "actions"),
+            self._key(sid, "action_ids"),
+            aid,
+            sid,
+            encode_action(action),
+        )
+        if int(outcome) < 0:
+            raise NotFound("no session with this id", metadata={"session_id": sid})
+        if int(outcome) == 0:
+            raise AlreadyExists("an action with this id exists", metadata={"action_id": aid})
+
+    async def get_action(self, session_id: str, action_id: str) -> Action | None:
+        raw = await self.client.hget(self._key(session_id, "actions"), action_id)  # type: ignore[misc]
+        return None if raw is None else Action.from_dict(json.loads(raw))
+
+    async def transition_action(
+        self,
+        session_id: str,
+        action_id: str,
+        *,
+        expected: Sequence[ActionState],
+        new: Action,
+    ) -> Action | None:
+        check_replacement(session_id, action_id, new)
+        raw = await self.client.eval(  # type: ignore[misc]
+            redis_scripts.TRANSITION_ACTION,
+            1,
+            self._key(session_id, "actions"),
+            action_id,
+            encode_action(new),
+            *(state.value for state in expected),
+        )
+        return None if raw is None else Action.from_dict(json.loads(raw))
+
+
+def encode_action(action: Action) -> str:
+    return json.dumps(action.to_dict(), separators=(",", ":"), sort_keys=True)
+
+
+def oldest_first(action_ids: Sequence[str], raw_actions: dict[str, str]) -> list[Action]:
+    """The actions by created_at; the (stable) sort keeps insertion order among ties."""
+    actions = [Action.from_dict(json.loads(raw_actions[aid])) for aid in action_ids]
+    return sorted(actions, key=lambda a: a.created_at)

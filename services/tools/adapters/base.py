@@ -19,13 +19,15 @@ class WriteOutcome:
 class CrmStore(Protocol):
     source: str
 
-    async def lookup(
-        self,
-        *,
-        customer_id: str | None = None,
-        email: str | None = None,
-        name: str | None = None,
-    ) -> JsonDict: ...
+    async def lookup(self, customer_id: str) -> JsonDict:
+        """The customer's profile; NotFound when there is no such customer."""
+        ...
+
+    async def find_by_email(self, email: str, *, customer_id: str | None = None) -> JsonDict:
+        """The profile of the customer with ``email`` (any case). With ``customer_id`` only
+        that customer can match: another customer's e-mail is NotFound, in the same words
+        as an unknown one."""
+        ...
 
 
 class BillingStore(Protocol):
@@ -36,8 +38,17 @@ class BillingStore(Protocol):
     ) -> JsonDict: ...
 
     async def refund(
-        self, *, invoice_id: str, amount_cents: int, reason: str, idempotency_key: str
-    ) -> WriteOutcome: ...
+        self,
+        *,
+        customer_id: str,
+        invoice_id: str,
+        amount_cents: int,
+        reason: str,
+        idempotency_key: str,
+    ) -> WriteOutcome:
+        """Refund an invoice of ``customer_id``; another customer's invoice is NotFound, in
+        the same words as an unknown one."""
+        ...
 
     async def credit(
         self, *, customer_id: str, amount_cents: int, reason: str, idempotency_key: str

@@ -44,7 +44,15 @@ def _from_domain(exc: AgentmeshError) -> web.Response:
     return _error(500, "INTERNAL", "internal error")
 
 
-async def _read_write_body(request: web.Request, id_field: str) -> tuple[str, int, str, str]:
+@dataclass(frozen=True)
+class _WriteBody:
+    ids: dict[str, str]
+    amount_cents: int
+    reason: str
+    idempotency_key: str
+
+
+async def _read_write_body(request: web.Request, *id_fields: str) -> _WriteBody:
     key = request.headers.get(IDEMPOTENCY_HEADER, "").strip()
     if not key:
         raise InvalidArgument("idempotency_key", f"the {IDEMPOTENCY_HEADER} header is required")
@@ -54,14 +62,18 @@ async def _read_write_body(request: web.Request, id_field: str) -> tuple[str, in
         raise InvalidArgument("body", "not JSON") from exc
     if not isinstance(body, dict):
         raise InvalidArgument("body", "must be an object")
-    target, amount, reason = body.get(id_field), body.get("amount_cents"), body.get("reason")
-    if not isinstance(target, str) or not target:
-        raise InvalidArgument(id_field, "required")
+    ids: dict[str, str] = {}
+    for id_field in id_fields:
+        target = body.get(id_field)
+        if not isinstance(target, str) or not target:
+            raise InvalidArgument(id_field, "required")
+        ids[id_field] = target
+    amount, reason = body.get("amount_cents"), body.get("reason")
     if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
         raise InvalidArgument("amount_cents", "must be a positive integer")
     if not isinstance(reason, str) or not reason:
         raise InvalidArgument("reason", "required")
-    return target, amount, reason, key
+    return _WriteBody(ids, amount, reason, key)
 
 
 async def _overview(request: web.Request) -> web.Response:
@@ -84,9 +96,13 @@ async def _overview(request: web.Request) -> web.Response:
 async def _refund(request: web.Request) -> web.Response:
     store = request.app[_STORE_KEY]
     try:
-        invoice_id, amount, reason, key = await _read_write_body(request, "invoice_id")
+        body = await _read_write_body(request, "customer_id", "invoice_id")
         outcome = await store.refund(
-            invoice_id=invoice_id, amount_cents=amount, reason=reason, idempotency_key=key
+            customer_id=body.ids["customer_id"],
+            invoice_id=body.ids["invoice_id"],
+            amount_cents=body.amount_cents,
+            reason=body.reason,
+            idempotency_key=body.idempotency_key,
         )
     except AgentmeshError as exc:
         return _from_domain(exc)
@@ -96,9 +112,12 @@ async def _refund(request: web.Request) -> web.Response:
 async def _credit(request: web.Request) -> web.Response:
     store = request.app[_STORE_KEY]
     try:
-        customer_id, amount, reason, key = await _read_write_body(request, "customer_id")
+        body = await _read_write_body(request, "customer_id")
         outcome = await store.credit(
-            customer_id=customer_id, amount_cents=amount, reason=reason, idempotency_key=key
+            customer_id=body.ids["customer_id"],
+            amount_cents=body.amount_cents,
+            reason=body.reason,
+            idempotency_key=body.idempotency_key,
         )
     except AgentmeshError as exc:
         return _from_domain(exc)

@@ -3,7 +3,8 @@
 The wire contract (JSON):
 
 * ``GET  /v1/customers/{customer_id}/billing?limit=N[&invoice_id=...]`` -> overview object
-* ``POST /v1/refunds``  body ``{invoice_id, amount_cents, reason}``  -> ``{result, replayed}``
+* ``POST /v1/refunds``  body ``{customer_id, invoice_id, amount_cents, reason}``
+  -> ``{result, replayed}``; an invoice of another customer is 404 like an unknown one
 * ``POST /v1/credits``  body ``{customer_id, amount_cents, reason}`` -> ``{result, replayed}``
 
 Writes carry an ``Idempotency-Key`` header. Errors are ``{"error": {"code", "message"}}``
@@ -59,12 +60,23 @@ class HttpBillingStore:
         return body
 
     async def refund(
-        self, *, invoice_id: str, amount_cents: int, reason: str, idempotency_key: str
+        self,
+        *,
+        customer_id: str,
+        invoice_id: str,
+        amount_cents: int,
+        reason: str,
+        idempotency_key: str,
     ) -> WriteOutcome:
         body = await self._request(
             "POST",
             "/v1/refunds",
-            json={"invoice_id": invoice_id, "amount_cents": amount_cents, "reason": reason},
+            json={
+                "customer_id": customer_id,
+                "invoice_id": invoice_id,
+                "amount_cents": amount_cents,
+                "reason": reason,
+            },
             headers={IDEMPOTENCY_HEADER: idempotency_key},
         )
         return WriteOutcome(result=body["result"], replayed=bool(body.get("replayed")))

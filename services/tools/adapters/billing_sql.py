@@ -191,19 +191,35 @@ class SqlBillingStore:
 
     # --- writes -------------------------------------------------------------------------
     async def refund(
-        self, *, invoice_id: str, amount_cents: int, reason: str, idempotency_key: str
+        self,
+        *,
+        customer_id: str,
+        invoice_id: str,
+        amount_cents: int,
+        reason: str,
+        idempotency_key: str,
     ) -> WriteOutcome:
-        request = {"invoice_id": invoice_id, "amount_cents": amount_cents, "reason": reason}
+        # The customer is part of the request: a key replayed for another customer is
+        # "used with different arguments", never that customer's stored result.
+        request = {
+            "customer_id": customer_id,
+            "invoice_id": invoice_id,
+            "amount_cents": amount_cents,
+            "reason": reason,
+        }
 
         async def perform(conn: AsyncConnection) -> JsonDict:
             inv = (
                 await conn.execute(
                     select(billing_invoices)
-                    .where(billing_invoices.c.id == invoice_id)
+                    .where(
+                        billing_invoices.c.id == invoice_id,
+                        billing_invoices.c.customer_id == customer_id,
+                    )
                     .with_for_update()
                 )
             ).first()
-            if inv is None:
+            if inv is None:  # unknown, or another customer's: the same words either way
                 raise NotFound("no invoice with that invoice_id")
             paid = (
                 await conn.execute(

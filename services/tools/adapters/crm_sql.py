@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Row, func, select
+from sqlalchemy import ColumnElement, Row, and_, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -25,10 +25,9 @@ from services.tools.adapters.sql import (
     unavailable,
     writer,
 )
-from shared.errors import AgentmeshError, InvalidArgument, NotFound
+from shared.errors import AgentmeshError, NotFound
 
 OPEN_TICKET_STATES = ("open", "pending")
-MAX_NAME_MATCHES = 5
 
 
 class SqlCrmStore:
@@ -53,19 +52,25 @@ class SqlCrmStore:
             return False  # another replica seeded it concurrently
         return True
 
-    async def lookup(
-        self,
-        *,
-        customer_id: str | None = None,
-        email: str | None = None,
-        name: str | None = None,
-    ) -> JsonDict:
-        given = [v for v in (customer_id, email, name) if v]
-        if len(given) != 1:
-            raise InvalidArgument("customer_id", "give exactly one of customer_id, email, name")
+    async def lookup(self, customer_id: str) -> JsonDict:
+        return await self._find(
+            crm_customers.c.id == customer_id, "no customer matches that customer_id"
+        )
+
+    async def find_by_email(self, email: str, *, customer_id: str | None = None) -> JsonDict:
+        condition = func.lower(crm_customers.c.email) == email.strip().lower()
+        if customer_id is not None:
+            condition = and_(condition, crm_customers.c.id == customer_id)
+        return await self._find(condition, "no customer matches that email")
+
+    async def _find(self, condition: ColumnElement[bool], not_found: str) -> JsonDict:
+        """The profile of the one customer ``condition`` selects."""
         try:
             async with self._engine.connect() as conn:
-                return await self._lookup(conn, customer_id, email, name)
+                row = (await conn.execute(select(crm_customers).where(condition))).first()
+                if row is None:
+                    raise NotFound(not_found)
+                return await self._profile(conn, row)
         except AgentmeshError:
             raise
         except SQLAlchemyError as exc:
@@ -74,41 +79,6 @@ class SqlCrmStore:
             raise
         except OSError as exc:
             raise unavailable("CRM") from exc
-
-    async def _lookup(
-        self,
-        conn: AsyncConnection,
-        customer_id: str | None,
-        email: str | None,
-        name: str | None,
-    ) -> JsonDict:
-        query = select(crm_customers)
-        if customer_id:
-            query = query.where(crm_customers.c.id == customer_id)
-        elif email:
-            query = query.where(func.lower(crm_customers.c.email) == email.strip().lower())
-        else:
-            assert name is not None
-            pattern = "%" + name.strip().lower().replace("%", "").replace("_", "") + "%"
-            query = (
-                query.where(crm_customers.c.name_lower.like(pattern))
-                .order_by(crm_customers.c.name, crm_customers.c.id)
-                .limit(MAX_NAME_MATCHES + 1)
-            )
-        rows = (await conn.execute(query)).all()
-        if not rows:
-            key = "customer_id" if customer_id else "email" if email else "name"
-            raise NotFound(f"no customer matches that {key}")
-        if len(rows) > 1:
-            return {
-                "matches": [
-                    {"customer_id": r.id, "name": r.name, "email": r.email, "company": r.company}
-                    for r in rows[:MAX_NAME_MATCHES]
-                ],
-                "more_matches": len(rows) > MAX_NAME_MATCHES,
-                "note": "several customers match; ask which one, then look up by customer_id",
-            }
-        return await self._profile(conn, rows[0])
 
     async def _profile(self, conn: AsyncConnection, customer: Row[Any]) -> JsonDict:
         cid = customer.id

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -24,7 +23,6 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    event,
     func,
     select,
     text,
@@ -34,9 +32,10 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from shared.errors import Unavailable
+from shared.sqlite import create_sqlite_engine
+from shared.sqlite import writer as writer
 
 metadata = MetaData()
-WRITE_OPTION = "agentmesh_write"
 
 # --- CRM -------------------------------------------------------------------------------
 crm_customers = Table(
@@ -228,32 +227,10 @@ def backend_name(url: str) -> str:
 
 
 def create_engine(url: str, *, schema: str | None = None, pool_size: int = 5) -> AsyncEngine:
-    """An async engine; SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` for writers.
-
-    Transactions opened through :func:`writer` start with ``BEGIN IMMEDIATE``: they take
-    SQLite's write lock up front, so concurrent writers queue up instead of deadlocking on a
-    lock upgrade. Readers use a plain ``BEGIN`` and, with WAL, never wait for writers.
-    """
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None
-            cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.close()
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _on_begin(conn: Any) -> None:
-            write = conn.get_execution_options().get(WRITE_OPTION, False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
+    """An async engine; SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` for
+    transactions opened through :func:`writer` (see :mod:`shared.sqlite`)."""
+    if make_url(url).get_backend_name() == "sqlite":
+        engine = create_sqlite_engine(url)
     else:
         engine = create_async_engine(
             url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
@@ -261,11 +238,6 @@ def create_engine(url: str, *, schema: str | None = None, pool_size: int = 5) ->
     if schema:
         engine = engine.execution_options(schema_translate_map={None: schema})
     return engine
-
-
-def writer(engine: AsyncEngine) -> AsyncEngine:
-    """The same engine (same pool), marked so that its transactions are write transactions."""
-    return engine.execution_options(**{WRITE_OPTION: True})
 
 
 async def create_tables(

@@ -1,0 +1,1 @@
+"""The stages of a turn, each a function over (Deps, TurnState) yielding events."""
