@@ -10,7 +10,7 @@ PROTOS := $(shell find proto -name '*.proto')
 ACCEL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test test-fast lint typecheck buf-lint buf-breaking bench clean prepare-model
+.PHONY: install proto run test test-fast fuzz lint typecheck buf-lint buf-breaking bench clean prepare-model
 
 install: $(STAMP) $(GEN)/.stamp
 
@@ -50,6 +50,11 @@ test: install buf-lint buf-breaking
 # The fast tier: no real engine, embedding model or database servers.
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not postgres and not redis" $(PYTEST_ARGS)
+
+# The long fuzz run (1000 cases per RPC, a fresh seed each time); `make test` runs a bounded,
+# deterministic profile of the same suite.
+fuzz: install
+	AGENTMESH_FUZZ_PROFILE=agentmesh-long $(BIN)/python -m pytest -q -p no:cacheprovider tests/security/test_fuzz.py $(PYTEST_ARGS)
 
 lint: install buf-lint
 	$(BIN)/ruff check .

@@ -14,9 +14,11 @@ from typing import Any
 
 import grpc
 
+from shared.config import ClientSettings, ClientTlsSettings
 from shared.deadlines import downstream_timeout
 from shared.interceptors import REQUEST_ID_HEADER
 from shared.logging import current_request_id
+from shared.tls import channel_credentials, channel_tls_options, check_plaintext, split_host
 
 KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -99,8 +101,10 @@ def create_channel(
     auth_token: str | None = None,
     deadline_margin_s: float = 0.05,
     max_message_bytes: int = 16 * 1024 * 1024,
+    tls: ClientTlsSettings | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure (mTLS comes later) aio channel with the agentmesh call defaults."""
+    """An aio channel with the agentmesh call defaults: TLS (verifying the server's name,
+    presenting a client certificate when configured) when ``tls`` is given, else plaintext."""
     options: list[tuple[str, Any]] = [
         *KEEPALIVE_OPTIONS,
         ("grpc.enable_retries", 1),
@@ -112,4 +116,31 @@ def create_channel(
         cls(deadline_margin_s, auth_token)
         for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)
     ]
+    if tls is not None:
+        options += channel_tls_options(tls)
+        return grpc.aio.secure_channel(
+            target, channel_credentials(tls), options=options, interceptors=interceptors
+        )
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+def channel_from_settings(
+    client: ClientSettings,
+    *,
+    retry_methods: Sequence[tuple[str, str | None]] = (),
+    max_message_bytes: int = 16 * 1024 * 1024,
+) -> grpc.aio.Channel:
+    """The channel a ClientSettings describes: TLS and token from configuration; plaintext
+    only to a loopback target or with ``allow_plaintext``."""
+    if client.tls is None:
+        check_plaintext(
+            f"client of {client.target}", split_host(client.target), client.allow_plaintext
+        )
+    return create_channel(
+        client.target,
+        retry_methods=retry_methods,
+        auth_token=client.auth_token.get_secret_value() if client.auth_token else None,
+        deadline_margin_s=client.deadline_margin_s,
+        max_message_bytes=max_message_bytes,
+        tls=client.tls,
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,6 +30,94 @@ class BootstrapSettings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
 
 
+class TlsSettings(BaseModel):
+    """A server's TLS identity. With ``ca_file`` set, clients must present a certificate
+    signed by that CA (mutual TLS); ``require_client_cert`` false only makes it optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = True
+
+
+class ClientTlsSettings(BaseModel):
+    """How a client verifies a server (``ca_file``) and proves itself (cert + key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # The name the server's certificate must carry, when the target address is not that
+    # name (an IP, a node port). None: the target's host.
+    server_name: str | None = None
+
+
+class StaticKey(BaseModel):
+    """A long-lived bearer token, stored only as the hex SHA-256 of the token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scopes: list[str] = Field(default_factory=list)
+
+
+class AuthSettings(BaseModel):
+    """Who may call: static keys and/or JWTs signed by a key of ``jwks_file``.
+
+    Auth is on as soon as a key, a JWKS file or the legacy ``auth_token`` is configured.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    static_keys: list[StaticKey] = Field(default_factory=list)
+    jwks_file: Path | None = None
+    # Checked when set (the `iss` / `aud` claims).
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    # Claim holding the scopes: a space-separated string ("scope") or a list ("scp").
+    jwt_scope_claim: str = "scope"
+    # Claim naming the principal.
+    jwt_subject_claim: str = "sub"
+    jwt_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+    jwt_leeway_s: float = Field(default=30.0, ge=0)
+    # Scope each service's RPCs need (by full service name). A service not listed needs an
+    # authenticated caller with the `default_scope` (None: any authenticated caller).
+    service_scopes: dict[str, str] = Field(
+        default_factory=lambda: {
+            "agentmesh.orchestrator.v1.AgentService": "agent:run",
+            "agentmesh.inference.v1.InferenceService": "inference:call",
+            "agentmesh.tools.v1.ToolService": "tools:call",
+        }
+    )
+    default_scope: str | None = None
+    # Probes call health without a token; reflection (service listing) needs one unless set.
+    health_exempt: bool = True
+    reflection_exempt: bool = False
+
+
+class RequestLimits(BaseModel):
+    """Bounds on what one request may carry, checked before it is parsed (bytes) or used."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Serialized request size of any RPC of the service, and per method ("Method" or
+    # "pkg.Service/Method") where it differs. Above ServiceSettings.max_message_bytes the
+    # transport itself refuses (RESOURCE_EXHAUSTED) before any of our code runs.
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    method_max_request_bytes: dict[str, int] = Field(default_factory=dict)
+
+    def request_bytes_limit(self, full_method: str) -> int:
+        """The limit of ``/pkg.Service/Method``."""
+        service_method = full_method.lstrip("/")
+        method = service_method.rsplit("/", 1)[-1]
+        by_method = self.method_max_request_bytes
+        return by_method.get(service_method, by_method.get(method, self.max_request_bytes))
+
+
 class ServiceSettings(BaseSettings):
     """What every gRPC service shares: where it listens and how it stops."""
 
@@ -45,10 +133,17 @@ class ServiceSettings(BaseSettings):
     drain_seconds: float = 0.0
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
-    # When set, every RPC but health and reflection needs `authorization: Bearer <token>`.
+    # Legacy single bearer token: a static key named "default" holding every scope.
     auth_token: SecretStr | None = None
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    # Server certificate and key (and the clients' CA for mutual TLS). None: plaintext, which
+    # is allowed on a loopback host only, unless allow_plaintext is true.
+    tls: TlsSettings | None = None
+    allow_plaintext: bool = False
     data_dir: Path = DEFAULT_DATA_DIR
+    # Transport-level cap of any message (grpc core: RESOURCE_EXHAUSTED above it).
     max_message_bytes: int = 16 * 1024 * 1024
+    limits: RequestLimits = Field(default_factory=RequestLimits)
 
 
 class ClientSettings(BaseModel):
@@ -57,7 +152,11 @@ class ClientSettings(BaseModel):
     target: str
     # Subtracted from the caller's remaining time before a call goes downstream.
     deadline_margin_s: float = Field(default=0.05, ge=0.0)
+    # Sent as `authorization: Bearer <token>` on every call.
     auth_token: SecretStr | None = None
+    # None: plaintext, allowed to a loopback target only, unless allow_plaintext is true.
+    tls: ClientTlsSettings | None = None
+    allow_plaintext: bool = False
 
 
 S = TypeVar("S", bound=BaseSettings)

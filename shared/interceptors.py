@@ -1,4 +1,5 @@
-"""Server interceptors: tracing (request ids), metrics, auth, deadlines, error mapping.
+"""Server interceptors: tracing (request ids), metrics, auth, deadlines, error mapping,
+request guard (decoding and limits).
 
 Each interceptor wraps the behaviour of every RPC of the agentmesh services (health and
 reflection pass through untouched) in an async context manager, whatever the RPC's shape
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import inspect
 import logging
 import time
@@ -20,8 +20,10 @@ from typing import Any
 import grpc
 from grpc.aio import AbortError
 
+from shared.auth import Authenticator, AuthInterceptor
 from shared.deadlines import Deadline, reset_current_deadline, set_current_deadline
-from shared.errors import AgentmeshError, Unauthenticated, to_rich_status
+from shared.errors import AgentmeshError, to_rich_status
+from shared.guard import RequestGuardInterceptor
 from shared.logging import reset_request_id, set_request_id
 from shared.metrics import RpcMetrics
 
@@ -72,7 +74,7 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(EXEMPT_PREFIXES):
             return handler
-        return _wrap_handler(handler, method, self.around)
+        return wrap_handler(handler, method, self.around)
 
 
 def _wrap_behaviour(
@@ -100,7 +102,7 @@ def _wrap_behaviour(
     return wrapper
 
 
-def _wrap_handler(
+def wrap_handler(
     handler: grpc.RpcMethodHandler[Any, Any],
     method: str,
     around: Callable[
@@ -234,23 +236,6 @@ def _context_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCod
     return None
 
 
-class AuthInterceptor(WrappingInterceptor):
-    """Bearer-token check; health and reflection stay open for probes and grpcurl."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    @contextlib.asynccontextmanager
-    async def around(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[None]:
-        presented = (metadata_value(context, "authorization") or "").encode()
-        if not hmac.compare_digest(presented, self._expected):
-            status = to_rich_status(Unauthenticated("missing or invalid bearer token"))
-            await context.abort(status.code, status.details, status.trailing_metadata)
-        yield
-
-
 class DeadlineInterceptor(WrappingInterceptor):
     """Publishes the caller's deadline so code below can pass it downstream."""
 
@@ -287,21 +272,29 @@ class ErrorInterceptor(WrappingInterceptor):
                 log.error("downstream call failed in %s: %s", method, code.name)
                 code = grpc.StatusCode.INTERNAL
             await context.abort(code, f"downstream call failed: {error.code().name}")
+        except NotImplementedError:
+            # The generated base servicer's answer for an RPC this build does not implement.
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
         except Exception:
             log.exception("unhandled error in %s", method)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
 def default_interceptors(
-    metrics: RpcMetrics, drain: DrainInterceptor, auth_token: str | None = None
+    metrics: RpcMetrics,
+    drain: DrainInterceptor,
+    authenticator: Authenticator | None = None,
+    guard: RequestGuardInterceptor | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
-    """The standard chain, outermost first."""
+    """The standard chain, outermost first. The guard is innermost: it owns decoding."""
     chain: list[grpc.aio.ServerInterceptor] = [
         drain,
         TracingInterceptor(),
         MetricsInterceptor(metrics),
     ]
-    if auth_token:
-        chain.append(AuthInterceptor(auth_token))
+    if authenticator is not None and authenticator.enabled:
+        chain.append(AuthInterceptor(authenticator))
     chain += [DeadlineInterceptor(), ErrorInterceptor()]
+    if guard is not None:
+        chain.append(guard)
     return chain

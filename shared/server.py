@@ -22,11 +22,14 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from shared.auth import Authenticator
 from shared.config import ServiceSettings
+from shared.guard import RequestChecks, RequestGuardInterceptor
 from shared.health import HealthReporter
 from shared.interceptors import DrainInterceptor, default_interceptors
 from shared.logging import configure_logging
 from shared.metrics import MetricsHttpServer, RpcMetrics
+from shared.tls import check_plaintext, server_credentials
 
 log = logging.getLogger("agentmesh.server")
 
@@ -42,11 +45,45 @@ class Service(Protocol):
     def register(self, server: grpc.aio.Server) -> None:
         """Add the service's servicers to ``server``."""
 
+    # Optional: ``def request_checks(self) -> RequestChecks`` (full method name -> a check
+    # that raises InvalidArgument), run on the decoded request before the handler.
+
     async def warm_up(self, health: HealthReporter) -> None:
         """Load models, open stores; return when ready to serve."""
 
     async def close(self) -> None:
         """Close backends; called after the server stopped."""
+
+
+def service_request_checks(service: Service) -> RequestChecks:
+    """The service's per-method request checks (optional ``request_checks()`` method)."""
+    method = getattr(service, "request_checks", None)
+    checks: RequestChecks = method() if callable(method) else {}
+    return checks
+
+
+def security_summary(settings: ServiceSettings, authenticator: Authenticator) -> list[str]:
+    """What a service says at start-up about its transport and callers."""
+    if settings.tls is None:
+        transport = f"transport: PLAINTEXT on {settings.host} (no tls configured)"
+    else:
+        mutual = settings.tls.ca_file is not None and settings.tls.require_client_cert
+        transport = f"transport: TLS{' with client certificates (mTLS)' if mutual else ''}"
+    if authenticator.enabled:
+        auth = settings.auth
+        exempt = [
+            n
+            for n, on in (("health", auth.health_exempt), ("reflection", auth.reflection_exempt))
+            if on
+        ]
+        caller = (
+            f"auth: bearer tokens ({len(auth.static_keys) + bool(settings.auth_token)} static keys"
+            f"{', JWKS ' + str(auth.jwks_file) if auth.jwks_file else ''}); exempt: "
+            f"{', '.join(exempt) or 'nothing'}"
+        )
+    else:
+        caller = "auth: OFF (no static keys or JWKS configured): every caller has every scope"
+    return [transport, caller]
 
 
 class GrpcServer:
@@ -67,6 +104,8 @@ class GrpcServer:
         self._health_servicer = health_aio.HealthServicer()
         self.health = HealthReporter(self._health_servicer)
         token = settings.auth_token.get_secret_value() if settings.auth_token else None
+        self.authenticator = Authenticator(settings.auth, token)
+        guard = RequestGuardInterceptor(settings.limits, service_request_checks(service))
         options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -77,7 +116,7 @@ class GrpcServer:
         self._drain = DrainInterceptor()
         self._server = grpc.aio.server(
             interceptors=[
-                *default_interceptors(self._rpc_metrics, self._drain, token),
+                *default_interceptors(self._rpc_metrics, self._drain, self.authenticator, guard),
                 *extra_interceptors,
             ],
             options=options,
@@ -107,7 +146,7 @@ class GrpcServer:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, self._server)
-        self.port = self._server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        self.port = self._bind()
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.settings.host}:{self.settings.port}")
         await self.health.set_all(["", *self.service.service_names], serving=False)
@@ -118,8 +157,22 @@ class GrpcServer:
             )
             self._metrics_http.start()
         log.info("%s listening on %s", self.service.name, self.address)
+        for line in security_summary(self.settings, self.authenticator):
+            log.log(
+                logging.WARNING if "PLAINTEXT" in line or "OFF" in line else logging.INFO,
+                "%s %s",
+                self.service.name,
+                line,
+            )
         self._warm_task = asyncio.create_task(self._warm_up(), name=f"{self.service.name}-warm-up")
         return self.port
+
+    def _bind(self) -> int:
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self.settings.tls is not None:
+            return self._server.add_secure_port(address, server_credentials(self.settings.tls))
+        check_plaintext(self.service.name, self.settings.host, self.settings.allow_plaintext)
+        return self._server.add_insecure_port(address)
 
     async def _warm_up(self) -> None:
         try:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.config import ServiceSettings
+from shared.config import RequestLimits, ServiceSettings
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "config" / "lanes"
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -122,6 +122,31 @@ class LanesConfig(BaseModel):
         return [self.lanes[n] for n in self.hosted_lanes]
 
 
+class InferenceLimits(RequestLimits):
+    """What one inference request may carry (checked before rendering or schema parsing)."""
+
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(default=256, ge=1)
+    max_message_chars: int = Field(default=256_000, ge=1)
+    max_tools: int = Field(default=64, ge=1)
+    max_tool_name_chars: int = Field(default=64, ge=1)
+    max_tool_description_chars: int = Field(default=4096, ge=1)
+    # A tool's parameters_json_schema and response_format.json_schema.
+    max_schema_bytes: int = Field(default=64 * 1024, ge=64)
+    max_schema_depth: int = Field(default=16, ge=2)
+    # Tool calls replayed in the history (assistant messages' tool_calls).
+    max_tool_calls_per_message: int = Field(default=32, ge=1)
+    max_arguments_bytes: int = Field(default=64 * 1024, ge=64)
+    max_arguments_depth: int = Field(default=32, ge=2)
+    max_stop_sequences: int = Field(default=16, ge=0)
+    max_stop_chars: int = Field(default=256, ge=1)
+    max_named_tools: int = Field(default=32, ge=1)
+    max_calls: int = Field(default=32, ge=1)
+    # CountTokens texts.
+    max_texts: int = Field(default=256, ge=1)
+    max_text_chars: int = Field(default=256_000, ge=1)
+
+
 class InferenceSettings(ServiceSettings):
     """Settings of the inference service (env prefix ``AGENTMESH_INFERENCE_``)."""
 
@@ -152,6 +177,7 @@ class InferenceSettings(ServiceSettings):
     engine_start_timeout_s: float = 600.0
     # Don't send usage statistics anywhere (no network here anyway).
     disable_usage_stats: bool = True
+    limits: InferenceLimits = Field(default_factory=InferenceLimits)
 
     def models_dir(self) -> Path:
         return self.model_cache_dir or (self.data_dir / "models")

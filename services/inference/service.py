@@ -18,6 +18,8 @@ from services.inference.core import InferenceCore
 from services.inference.engine import EngineFactory, vllm_engine_factory
 from services.inference.lanes import EngineDeathHook
 from services.inference.model_prep import resolve_model
+from services.inference.request_checks import inference_request_checks
+from shared.guard import RequestChecks
 from shared.health import HealthReporter
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,9 @@ class InferenceService:
         )
         self._watch_task: asyncio.Task[None] | None = None
         self._warm = False
+
+    def request_checks(self) -> RequestChecks:
+        return inference_request_checks(self.settings.limits)
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.core), server)

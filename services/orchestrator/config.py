@@ -13,7 +13,20 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.orchestrator.loop.policy import AgentProfile, Caps, Ceilings
-from shared.config import ClientSettings, ServiceSettings
+from shared.config import ClientSettings, RequestLimits, ServiceSettings
+
+
+class OrchestratorLimits(RequestLimits):
+    """What one AgentService request may carry."""
+
+    max_request_bytes: int = Field(default=256 * 1024, ge=1024)
+    max_user_message_chars: int = Field(default=16_000, ge=1)
+    max_metadata_entries: int = Field(default=32, ge=0)
+    max_metadata_key_chars: int = Field(default=64, ge=1)
+    max_metadata_value_chars: int = Field(default=1024, ge=1)
+    max_customer_id_chars: int = Field(default=128, ge=1)
+    max_lane_chars: int = Field(default=64, ge=1)
+    max_action_id_chars: int = Field(default=128, ge=1)
 
 
 class OrchestratorSettings(ServiceSettings):
@@ -37,10 +50,13 @@ class OrchestratorSettings(ServiceSettings):
 
     # Defaults of every new session; CreateSession may override any field up to `ceilings`.
     caps: Caps = Field(default_factory=Caps)
+    # CreateSession.budget above `caps` needs the agent:admin scope (when auth is on) and
+    # never goes above `ceilings.caps`; RunTurn.lane only among `ceilings.forceable_lanes`.
     ceilings: Ceilings = Field(default_factory=Ceilings)
     # The seed's customer-success agent: the plan picks the tools, the reference reads
     # (crm_lookup, kb_search, billing_lookup) are its default.
     profile: AgentProfile = Field(default_factory=AgentProfile)
+    limits: OrchestratorLimits = Field(default_factory=OrchestratorLimits)
 
     # A turn's lease in the store lives turn_budget_s + this; a dead replica's lease expires.
     lease_margin_s: float = Field(default=30.0, ge=0)

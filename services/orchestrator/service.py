@@ -13,6 +13,7 @@ from agentmesh.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from services.orchestrator.access import SessionAccess
 from services.orchestrator.agent import Agent
 from services.orchestrator.clients import (
     INFERENCE_RETRY_METHODS,
@@ -25,11 +26,13 @@ from services.orchestrator.clients import (
 from services.orchestrator.config import OrchestratorSettings
 from services.orchestrator.loop.runner import TurnRunner
 from services.orchestrator.metrics import OrchestratorMetrics
+from services.orchestrator.request_checks import orchestrator_request_checks
 from services.orchestrator.servicer import AgentServicer
 from services.orchestrator.sessions.base import SessionStore
 from services.orchestrator.sessions.factory import store_from_url
-from shared.channels import create_channel
+from shared.channels import channel_from_settings
 from shared.config import ClientSettings
+from shared.guard import RequestChecks
 from shared.health import HealthReporter
 
 log = logging.getLogger("agentmesh.orchestrator")
@@ -38,13 +41,7 @@ SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["AgentService"].full
 
 
 def _channel(client: ClientSettings, retry: Sequence[tuple[str, str | None]]) -> grpc.aio.Channel:
-    token = client.auth_token.get_secret_value() if client.auth_token else None
-    return create_channel(
-        client.target,
-        retry_methods=retry,
-        auth_token=token,
-        deadline_margin_s=client.deadline_margin_s,
-    )
+    return channel_from_settings(client, retry_methods=retry)  # TLS + token from settings
 
 
 class OrchestratorService:
@@ -84,8 +81,12 @@ class OrchestratorService:
             ceilings=settings.ceilings,
             lease_margin_s=settings.lease_margin_s,
         )
-        self._servicer = AgentServicer(self.agent, self.metrics)
+        access = SessionAccess(settings.caps, settings.ceilings.caps)
+        self._servicer = AgentServicer(self.agent, self.metrics, access)
         orchestrator_pb2_grpc.add_AgentServiceServicer_to_server(self._servicer, server)
+
+    def request_checks(self) -> RequestChecks:
+        return orchestrator_request_checks(self.settings.limits)
 
     async def warm_up(self, health: HealthReporter) -> None:
         """Open the store, wait for inference and tools to be SERVING, read the registry."""

@@ -12,6 +12,7 @@ from agentmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from agentmesh.orchestrator.v1 import orchestrator_pb2_grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from services.orchestrator.access import SessionAccess
 from services.orchestrator.agent import Agent
 from services.orchestrator.clients import message_to_proto
 from services.orchestrator.loop import events as ev
@@ -213,9 +214,15 @@ def event_to_proto(event: ev.TurnEvent) -> pb.RunTurnResponse | None:
 
 
 class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
-    def __init__(self, agent: Agent, metrics: OrchestratorMetrics | None = None) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        metrics: OrchestratorMetrics | None = None,
+        access: SessionAccess | None = None,
+    ) -> None:
         self._agent = agent
         self._metrics = metrics
+        self._access = access or SessionAccess(agent.default_caps)
         self.ready = False
 
     def _check_ready(self) -> None:
@@ -226,10 +233,11 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):  # type: ignore
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateSessionResponse:
         self._check_ready()
+        self._access.check_budget(budget_overrides(request.budget))
         record = await self._agent.create_session(
             customer_id=request.customer_id,
             caps_overrides=budget_overrides(request.budget),
-            metadata=dict(request.metadata),
+            metadata=self._access.new_session_metadata(request.metadata),
             session_id=request.session_id,
         )
         return pb.CreateSessionResponse(session=session_to_proto(record))
@@ -239,12 +247,14 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):  # type: ignore
     ) -> pb.GetSessionResponse:
         self._check_ready()
         record = await self._agent.get_session(request.session_id)
+        self._access.check_visible(record)
         return pb.GetSessionResponse(session=session_to_proto(record))
 
     async def EndSession(
         self, request: pb.EndSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.EndSessionResponse:
         self._check_ready()
+        self._access.check_visible(await self._agent.get_session(request.session_id), ending=True)
         record = await self._agent.end_session(request.session_id)
         return pb.EndSessionResponse(session=session_to_proto(record))
 
@@ -252,6 +262,8 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):  # type: ignore
         self, request: pb.RunTurnRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.RunTurnResponse]:
         self._check_ready()
+        self._access.check_lane(request.lane)
+        self._access.check_visible(await self._agent.get_session(request.session_id))
         turn = self._agent.run_turn(
             request.session_id,
             request.user_message,

@@ -10,7 +10,20 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.tools.output import DEFAULT_MAX_OUTPUT_TOKENS
-from shared.config import ServiceSettings
+from shared.config import RequestLimits, ServiceSettings
+
+
+class ToolsLimits(RequestLimits):
+    """What one tool request may carry; violations fail the RPC with INVALID_ARGUMENT before
+    any argument is parsed."""
+
+    max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    max_batch: int = Field(default=32, ge=1)
+    max_tool_name_chars: int = Field(default=64, ge=1)
+    max_arguments_bytes: int = Field(default=64 * 1024, ge=64)
+    max_arguments_depth: int = Field(default=32, ge=2)
+    max_call_id_chars: int = Field(default=128, ge=1)
+    max_idempotency_key_chars: int = Field(default=200, ge=1)
 
 
 class ToolsSettings(ServiceSettings):
@@ -58,6 +71,7 @@ class ToolsSettings(ServiceSettings):
     allow_email_lookup: bool = False
     # Seed the deterministic demo data set into empty stores at warm-up.
     seed_demo_data: bool = True
+    limits: ToolsLimits = Field(default_factory=ToolsLimits)
 
     def sqlite_url(self) -> str:
         return f"sqlite+aiosqlite:///{(self.data_dir / 'tools.sqlite').resolve()}"

@@ -19,7 +19,9 @@ from services.tools.executor import CallResult, CallStatus, Invocation, ToolExec
 from services.tools.handlers import Toolbox
 from services.tools.principal import Principal
 from services.tools.registry import Effect, Registry, default_registry
+from services.tools.request_checks import tools_request_checks
 from shared.errors import InvalidArgument, Unavailable
+from shared.guard import RequestChecks
 from shared.health import HealthReporter
 
 log = logging.getLogger("agentmesh.tools")
@@ -159,6 +161,9 @@ class ToolsService:
         self._owns_backends = backends is None
         self._embedder = embedder
         self._executor: ToolExecutor | None = None
+
+    def request_checks(self) -> RequestChecks:
+        return tools_request_checks(self.settings.limits)
 
     def register(self, server: grpc.aio.Server) -> None:
         tools_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(self), server)
