@@ -16,6 +16,7 @@ from agentmesh.orchestrator.v1 import orchestrator_pb2 as pb
 
 from services.orchestrator.loop.types import Message, Role
 from services.orchestrator.sessions.base import TurnRecord
+from tests.faults.conftest import Ledger
 from tests.faults.mesh import (
     FakeMesh,
     agent_stub,
@@ -165,3 +166,29 @@ async def test_the_heartbeat_holds_a_short_lease_for_a_long_turn(mesh: FakeMesh)
         assert completed(await turn).outcome == pb.TURN_OUTCOME_COMPLETED
         # Released at the end: the other replica runs the next turn at once.
         assert completed(await run(other, sid, "Thanks")).outcome == pb.TURN_OUTCOME_COMPLETED
+
+
+async def test_a_retried_confirmation_moves_money_once(mesh: FakeMesh, ledger: Ledger) -> None:
+    """The confirming turn sent twice with one request id (a client that lost the reply),
+    then once more with a new id: one refund, under the action's idempotency key."""
+    server, _ = await mesh.orchestrator()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = agent_stub(channel)
+        sid = await create(stub)
+        mesh.inference.plan_tools = ["billing_lookup", "billing_refund"]
+        events = await run(stub, sid, "Please refund the duplicate charge.", request_id="p")
+        [proposed] = [e.action_proposed for e in events if e.HasField("action_proposed")]
+        action_id = proposed.action.action_id
+        replies = []
+        for request_id in ["confirm-1", "confirm-1", "confirm-2"]:
+            replies.append(
+                await run(stub, sid, "", confirm_action_id=action_id, request_id=request_id)
+            )
+        for reply in replies:
+            ledger.turn(finished=any(e.HasField("turn_completed") for e in reply))
+            ledger.status(grpc.StatusCode.OK)
+        assert completed(replies[1]) == completed(replies[0])  # replayed
+        keys = [e.invocation.idempotency_key for e in mesh.tools.of_tool("billing_refund")]
+        ledger.writes(keys)
+        # Executed once: the replay ran nothing, the new id found the action EXECUTED.
+        assert keys == [f"am-action-{action_id}"]

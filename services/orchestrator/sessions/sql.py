@@ -8,13 +8,14 @@ across replicas.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, inspect, or_, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from services.orchestrator.loop.policy import Caps
@@ -32,7 +33,7 @@ from services.orchestrator.sessions.sql_schema import (
     action_values,
     session_tables,
 )
-from shared.errors import AlreadyExists, NotFound
+from shared.errors import AlreadyExists, NotFound, Unavailable
 from shared.sqlite import create_sqlite_engine, is_sqlite_url, writer
 
 
@@ -65,6 +66,19 @@ class SqlSessionStore:
         if self._writer is None:
             raise RuntimeError("the session store is not open")
         return self._writer
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction; a database that cannot be reached is UNAVAILABLE."""
+        with _reachable():
+            async with self._write.begin() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[AsyncConnection]:
+        with _reachable():
+            async with self.engine.connect() as conn:
+                yield conn
 
     async def open(self) -> None:
         if is_sqlite_url(self._url):
@@ -115,7 +129,7 @@ class SqlSessionStore:
 
     async def drop_tables(self) -> None:
         """Removes this store's tables (tests isolate runs by prefix and clean up)."""
-        async with self._write.begin() as conn:
+        async with self._writing() as conn:
             await conn.run_sync(self._meta.drop_all)
 
     async def create(self, record: SessionRecord) -> None:
@@ -127,7 +141,7 @@ class SqlSessionStore:
             ) from exc
 
     async def _insert(self, record: SessionRecord) -> None:
-        async with self._write.begin() as conn:
+        async with self._writing() as conn:
             await conn.execute(
                 insert(self.sessions).values(
                     session_id=record.session_id,
@@ -144,7 +158,7 @@ class SqlSessionStore:
             )
 
     async def get(self, session_id: str) -> SessionRecord | None:
-        async with self.engine.connect() as conn:
+        async with self._reading() as conn:
             row = (
                 await conn.execute(
                     select(self.sessions).where(self.sessions.c.session_id == session_id)
@@ -196,7 +210,7 @@ class SqlSessionStore:
         if not messages:
             return
         now = time.time()
-        async with self._write.begin() as conn:
+        async with self._writing() as conn:
             await self._fence(conn, session_id, token)
             last = (
                 await conn.execute(
@@ -234,7 +248,7 @@ class SqlSessionStore:
         task_time_used_s: float,
         token: int = UNFENCED,
     ) -> None:
-        async with self._write.begin() as conn:
+        async with self._writing() as conn:
             await self._fence(conn, session_id, token)
             await conn.execute(
                 update(self.sessions)
@@ -248,7 +262,7 @@ class SqlSessionStore:
             )
 
     async def end(self, session_id: str) -> bool:
-        async with self._write.begin() as conn:
+        async with self._writing() as conn:
             result = await conn.execute(
                 update(self.sessions)
                 .where(self.sessions.c.session_id == session_id)
@@ -259,7 +273,7 @@ class SqlSessionStore:
     async def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> int:
         now = time.time()
         c = self.sessions.c
-        async with self._write.begin() as conn:
+        async with self._writing() as conn:
             result = await conn.execute(
                 update(self.sessions)
                 .where(
@@ -287,7 +301,7 @@ class SqlSessionStore:
 
     async def renew_lease(self, session_id: str, owner: str, token: int, ttl_s: float) -> bool:
         c = self.sessions.c
-        async with self._write.begin() as conn:
+        async with self._writing() as conn:
             result = await conn.execute(
                 update(self.sessions)
                 .where(
@@ -303,7 +317,7 @@ class SqlSessionStore:
 
     async def release_lease(self, session_id: str, owner: str) -> None:
         c = self.sessions.c
-        async with self._write.begin() as conn:
+        async with self._writing() as conn:
             await conn.execute(
                 update(self.sessions)
                 .where(and_(c.session_id == session_id, c.lease_owner == owner))
@@ -312,7 +326,7 @@ class SqlSessionStore:
 
     async def add_action(self, action: Action, *, token: int = UNFENCED) -> None:
         try:
-            async with self._write.begin() as conn:
+            async with self._writing() as conn:
                 await self._fence(conn, action.session_id, token)
                 known = (
                     await conn.execute(
@@ -332,7 +346,7 @@ class SqlSessionStore:
             ) from exc
 
     async def get_action(self, session_id: str, action_id: str) -> Action | None:
-        async with self.engine.connect() as conn:
+        async with self._reading() as conn:
             return await self._action(conn, session_id, action_id)
 
     async def _action(
@@ -359,7 +373,7 @@ class SqlSessionStore:
     ) -> Action | None:
         check_replacement(session_id, action_id, new)
         c = self.actions.c
-        async with self._write.begin() as conn:
+        async with self._writing() as conn:
             await self._fence(conn, session_id, token)
             if expected:
                 # The WHERE on state is the compare-and-set: a concurrent writer that got
@@ -381,7 +395,7 @@ class SqlSessionStore:
 
     async def get_turn(self, session_id: str, request_id: str) -> TurnRecord | None:
         c = self.turns.c
-        async with self.engine.connect() as conn:
+        async with self._reading() as conn:
             row = (
                 await conn.execute(
                     select(self.turns).where(
@@ -403,7 +417,7 @@ class SqlSessionStore:
 
     async def put_turn(self, turn: TurnRecord, *, token: int) -> None:
         c = self.turns.c
-        async with self._write.begin() as conn:
+        async with self._writing() as conn:
             await self._fence(conn, turn.session_id, token)
             await conn.execute(
                 delete(self.turns).where(
@@ -424,7 +438,7 @@ class SqlSessionStore:
 
     async def discard_turn_messages(self, session_id: str, turn_index: int, *, token: int) -> int:
         c = self.messages.c
-        async with self._write.begin() as conn:
+        async with self._writing() as conn:
             await self._fence(conn, session_id, token)
             result = await conn.execute(
                 delete(self.messages).where(
@@ -432,3 +446,16 @@ class SqlSessionStore:
                 )
             )
         return int(result.rowcount or 0)
+
+
+@contextlib.contextmanager
+def _reachable() -> Iterator[None]:
+    """Connection-level failures (refused, reset, timed out, the server gone) become
+    UNAVAILABLE: nothing was committed, the caller may retry; the pool re-pings on the next
+    checkout, so the store recovers by itself when the database is back."""
+    try:
+        yield
+    except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
+        raise Unavailable(
+            "the session store cannot be reached; retry", reason="SESSION_STORE_UNAVAILABLE"
+        ) from exc
