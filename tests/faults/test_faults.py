@@ -21,6 +21,12 @@ from agentmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from agentmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from agentmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 
+from services.orchestrator.loop.policy import Caps
+from services.orchestrator.loop.types import Message, Role
+from services.orchestrator.sessions.base import SessionRecord, SessionStore
+from services.orchestrator.sessions.redis_store import RedisSessionStore
+from services.orchestrator.sessions.sql import SqlSessionStore
+from shared.errors import Unavailable
 from tests.faults.conftest import Ledger
 from tests.faults.mesh import FakeMesh, agent_stub, create, start_mesh
 from tests.faults.procs import Proc, free_port, spawn, tools_env, until_health
@@ -304,4 +310,48 @@ async def test_an_unreachable_session_database_is_unavailable_and_recovers(
         await service.store.drop_tables()  # type: ignore[attr-defined]
     finally:
         await mesh.close()
+        await proxy.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "upstream"),
+    [
+        pytest.param("postgres", 5432, marks=pytest.mark.postgres),
+        pytest.param("redis", 6379, marks=pytest.mark.redis),
+    ],
+)
+async def test_each_networked_store_cut_off_is_unavailable_then_recovers(
+    kind: str, upstream: int, ledger: Ledger
+) -> None:
+    proxy = TcpProxy("127.0.0.1", upstream)
+    port = await proxy.start()
+    prefix = f"fault_{uuid.uuid4().hex[:8]}_"
+    store: SessionStore
+    if kind == "postgres":
+        store = SqlSessionStore(
+            f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test", table_prefix=prefix
+        )
+    else:
+        store = RedisSessionStore(f"redis://127.0.0.1:{port}/5", key_prefix=prefix)
+    await store.open()
+    try:
+        await store.create(SessionRecord(session_id="s1", caps=Caps()))
+        token = await store.acquire_lease("s1", "a", 30)
+        await store.append_messages("s1", 1, [Message(Role.USER, "kept")], token=token)
+        await proxy.cut_line()
+        with pytest.raises(Unavailable):
+            await store.get("s1")
+        with pytest.raises(Unavailable):
+            await store.append_messages("s1", 1, [Message(Role.USER, "lost")], token=token)
+        ledger.status(grpc.StatusCode.UNAVAILABLE)
+        proxy.restore()
+        got = await store.get("s1")
+        assert got is not None and [m.content for m in got.messages] == ["kept"]
+        await store.append_messages("s1", 1, [Message(Role.USER, "again")], token=token)
+    finally:
+        if isinstance(store, SqlSessionStore):
+            await store.drop_tables()
+        else:
+            await store.drop_keys()
+        await store.close()
         await proxy.close()

@@ -8,12 +8,15 @@ Adding and transitioning are Lua scripts, atomic across replicas."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from services.orchestrator.loop.policy import Caps
@@ -27,7 +30,28 @@ from services.orchestrator.sessions.base import (
     SessionState,
     TurnRecord,
 )
-from shared.errors import AlreadyExists, NotFound
+from shared.errors import AlreadyExists, NotFound, Unavailable
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _reachable(
+    method: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """A Redis that cannot be reached (refused, reset, timed out) is UNAVAILABLE: retryable,
+    and the client reconnects by itself when the server is back."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise Unavailable(
+                "the session store cannot be reached; retry", reason="SESSION_STORE_UNAVAILABLE"
+            ) from exc
+
+    return call
 
 
 class RedisSessionStore:
@@ -89,6 +113,7 @@ class RedisSessionStore:
         async for key in self.client.scan_iter(match=f"{self._prefix}*"):
             await self.client.delete(key)
 
+    @_reachable
     async def create(self, record: SessionRecord) -> None:
         fields: dict[str | bytes, str | int | float] = {
             "state": record.state.value,
@@ -110,6 +135,7 @@ class RedisSessionStore:
                 "a session with this id exists", metadata={"session_id": record.session_id}
             )
 
+    @_reachable
     async def get(self, session_id: str) -> SessionRecord | None:
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hgetall(self._key(session_id))
@@ -134,6 +160,7 @@ class RedisSessionStore:
             actions=oldest_first(action_ids, raw_actions),
         )
 
+    @_reachable
     async def append_messages(
         self,
         session_id: str,
@@ -155,6 +182,7 @@ class RedisSessionStore:
 
         await self._fenced(session_id, token, queue)
 
+    @_reachable
     async def update_counters(
         self,
         session_id: str,
@@ -174,6 +202,7 @@ class RedisSessionStore:
             session_id, token, lambda pipe: pipe.hset(self._key(session_id), mapping=mapping)
         )
 
+    @_reachable
     async def end(self, session_id: str) -> bool:
         key = self._key(session_id)
         if not await self.client.exists(key):
@@ -183,6 +212,7 @@ class RedisSessionStore:
         )
         return True
 
+    @_reachable
     async def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> int:
         token = await self.client.eval(  # type: ignore[misc]
             redis_scripts.ACQUIRE_LEASE,
@@ -194,6 +224,7 @@ class RedisSessionStore:
         )
         return int(token)
 
+    @_reachable
     async def renew_lease(self, session_id: str, owner: str, token: int, ttl_s: float) -> bool:
         renewed = await self.client.eval(  # type: ignore[misc]
             redis_scripts.RENEW_LEASE,
@@ -206,11 +237,13 @@ class RedisSessionStore:
         )
         return bool(int(renewed))
 
+    @_reachable
     async def release_lease(self, session_id: str, owner: str) -> None:
         await self.client.eval(
             redis_scripts.RELEASE_LEASE, 1, self._key(session_id, "lease"), owner
         )  # type: ignore[misc]
 
+    @_reachable
     async def add_action(self, action: Action, *, token: int = UNFENCED) -> None:
         sid, aid = action.session_id, action.action_id
         (outcome,) = await self._fenced(
@@ -233,10 +266,12 @@ class RedisSessionStore:
         if int(outcome) == 0:
             raise AlreadyExists("an action with this id exists", metadata={"action_id": aid})
 
+    @_reachable
     async def get_action(self, session_id: str, action_id: str) -> Action | None:
         raw = await self.client.hget(self._key(session_id, "actions"), action_id)  # type: ignore[misc]
         return None if raw is None else Action.from_dict(json.loads(raw))
 
+    @_reachable
     async def transition_action(
         self,
         session_id: str,
@@ -261,6 +296,7 @@ class RedisSessionStore:
         )
         return None if raw is None else Action.from_dict(json.loads(raw))
 
+    @_reachable
     async def get_turn(self, session_id: str, request_id: str) -> TurnRecord | None:
         raw = await self.client.hget(self._key(session_id, "turns"), request_id)  # type: ignore[misc]
         if raw is None:
@@ -268,6 +304,7 @@ class RedisSessionStore:
         data = json.loads(raw)
         return TurnRecord(session_id=session_id, request_id=request_id, **data)
 
+    @_reachable
     async def put_turn(self, turn: TurnRecord, *, token: int) -> None:
         data = {
             "turn_index": turn.turn_index,
@@ -282,6 +319,7 @@ class RedisSessionStore:
             turn.session_id, token, lambda pipe: pipe.hset(key, turn.request_id, encoded)
         )
 
+    @_reachable
     async def discard_turn_messages(self, session_id: str, turn_index: int, *, token: int) -> int:
         key = self._key(session_id, "messages")
         kept: list[str] = []
