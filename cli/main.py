@@ -19,10 +19,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cli import chat
+from cli import chat, models
 from shared.config import BootstrapSettings, child_process_environment
 
 app = typer.Typer(help="agentmesh: a gRPC agent backend on vLLM.", no_args_is_help=True)
+app.add_typer(models.app, name="models")
 console = Console(stderr=True)
 EMBEDDED_CONFIG = Path("config/embedded.yaml")
 

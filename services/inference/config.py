@@ -31,6 +31,8 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 # Model references with this prefix are prepared locally (see model_prep); anything else is
 # handed to vLLM as is (a Hugging Face id or a local folder).
 EMBEDDED_PREFIX = "embedded:"
+# Under the model cache: Hugging Face snapshots fetched by `agentmesh models pull`.
+HF_CACHE_SUBDIR = "hf"
 
 
 class ToolCallFormat(StrEnum):
@@ -204,6 +206,11 @@ class InferenceSettings(ServiceSettings):
                 {**config.model_dump(), "hosted_lanes": self.hosted_lanes}
             )
         return config
+
+
+def hf_cache_dir(settings: InferenceSettings) -> Path:
+    """Where `agentmesh models pull` puts Hugging Face weights and serving finds them."""
+    return settings.models_dir() / HF_CACHE_SUBDIR
 
 
 def apply_engine_environment(settings: InferenceSettings, device: Literal["cpu", "gpu"]) -> None:
