@@ -374,3 +374,20 @@ def test_every_network_policy_edge_is_a_real_call_and_every_call_is_allowed(
             assert (src, dst, port) in egress, ("egress missing", src, dst, port)
         if dst in internal:
             assert (src, dst, port) in ingress, ("ingress missing", src, dst, port)
+
+
+# ---------------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("dockerfile", sorted((ROOT / "deploy" / "docker").glob("*.Dockerfile")))
+def test_dockerfiles_pin_their_bases_and_run_as_non_root(dockerfile: Path) -> None:
+    lines = [line.strip() for line in dockerfile.read_text().splitlines()]
+    bases = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    assert bases
+    for base in bases:
+        tag = base.partition(":")[2]
+        assert tag and tag != "latest" and any(ch.isdigit() for ch in tag), base
+    final = lines[max(i for i, line in enumerate(lines) if line.startswith("FROM ")) :]
+    users = [line.split()[1] for line in final if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    # The Kubernetes side: the pods run it with readOnlyRootFilesystem (test_security_contexts).
