@@ -2,7 +2,8 @@
 one, planner and heavy in the other (one engine each, the embedded SmolLM2). The workhorse's
 tool calls are cut to 4 tokens (a per-lane override), so under any model output they fail
 validation; the re-prompt fails the same way; the escalation to planner goes to the other
-process, whose calls (96 tokens, grammar-constrained) are valid. The events record it."""
+process, whose calls (200 tokens, grammar-constrained: a 200-character query fits) are
+valid. The events record it."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ async def test_escalation_crosses_processes(tmp_path: Path) -> None:
                 "compose_max_tokens": 16,
                 "compose_reserve_s": 60,
                 "lane_overrides": {"workhorse": {"tool_call_max_tokens": 4}},
-                "tool_call_max_tokens": 96,
+                "tool_call_max_tokens": 200,
             },
         }
         settings = OrchestratorSettings(**values)
@@ -97,7 +98,9 @@ async def test_escalation_crosses_processes(tmp_path: Path) -> None:
             (pb.Escalation.KIND_LANE_ESCALATION, "workhorse", "planner"),
         ]
         finished = [e.tool_call_finished for e in events if e.HasField("tool_call_finished")]
-        assert [(f.name, f.status) for f in finished] == [("kb_search", "OK")]
+        assert [(f.name, f.status) for f in finished] == [("kb_search", "OK")], [
+            f.error_message for f in finished
+        ]
         (done,) = [e.turn_completed for e in events if e.HasField("turn_completed")]
         lanes = {u.lane for u in done.usage}
         assert "planner" in lanes and "workhorse" in lanes
