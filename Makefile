@@ -76,5 +76,10 @@ buf-breaking: $(STAMP)
 bench: install
 	$(BIN)/python -m bench.run_all
 
+# The embedded mesh under 32 concurrent sessions for 5 minutes (loopback only; not in `test`).
+SOAK_ARGS ?= --sessions 32 --duration-s 300
+soak: install
+	$(BIN)/python -m tests.faults.soak $(SOAK_ARGS)
+
 clean:
 	rm -rf $(GEN) .pytest_cache .mypy_cache .ruff_cache

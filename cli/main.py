@@ -17,11 +17,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli import chat
+from cli import chat, models
 from cli.supervisor import ChildSpec, Supervisor, run_until_signalled, terminate_with_parent
 from shared.config import BootstrapSettings, child_process_environment
 
 app = typer.Typer(help="agentmesh: a gRPC agent backend on vLLM.", no_args_is_help=True)
+app.add_typer(models.app, name="models")
 console = Console(stderr=True)
 EMBEDDED_CONFIG = Path("config/embedded.yaml")
 

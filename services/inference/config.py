@@ -16,6 +16,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.inference.memory_plan import (
+    DevicePlan,
+    DeviceSpec,
+    ModelShape,
+    check,
+    plan_deployment,
+)
 from shared.config import RequestLimits, ServiceSettings
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "config" / "lanes"
@@ -24,6 +31,8 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 # Model references with this prefix are prepared locally (see model_prep); anything else is
 # handed to vLLM as is (a Hugging Face id or a local folder).
 EMBEDDED_PREFIX = "embedded:"
+# Under the model cache: Hugging Face snapshots fetched by `agentmesh models pull`.
+HF_CACHE_SUBDIR = "hf"
 
 
 class ToolCallFormat(StrEnum):
@@ -82,6 +91,8 @@ class LaneSpec(BaseModel):
     stages: list[StageName] = Field(
         default_factory=lambda: [StageName.PLAN, StageName.TOOL_CALL, StageName.COMPOSE]
     )
+    # The model's shape for the per-device memory plan (GPU presets; see memory_plan.py).
+    memory: ModelShape | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -106,6 +117,10 @@ class LanesConfig(BaseModel):
     lanes: dict[str, LaneSpec]
     # Lanes this process serves; empty means all of them.
     hosted_lanes: list[str] = Field(default_factory=list)
+    # GPU presets: the card, and the lanes each deployment (one process, its own GPUs) hosts.
+    # Every deployment and this process's hosted set are checked by the memory plan at load.
+    device: DeviceSpec | None = None
+    deployments: dict[str, list[str]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> LanesConfig:
@@ -116,7 +131,26 @@ class LanesConfig(BaseModel):
             raise ValueError(f"hosted_lanes names unknown lanes: {', '.join(unknown)}")
         if not self.hosted_lanes:
             self.hosted_lanes = list(self.lanes)
+        for deployment, names in self.deployments.items():
+            missing = [n for n in names if n not in self.lanes]
+            if missing:
+                raise ValueError(f"deployment {deployment} names unknown lanes: {missing}")
+        if self.device is not None:
+            layouts = {**self.deployments, "this process": self.hosted_lanes}
+            check([self._plan(name, lanes) for name, lanes in layouts.items()])
         return self
+
+    def _plan(self, deployment: str, names: list[str]) -> DevicePlan:
+        """One engine per distinct (model, engine args) among ``names``."""
+        assert self.device is not None
+        engines: dict[str, LaneSpec] = {}
+        for name in names:
+            engines.setdefault(self.lanes[name].engine_key(), self.lanes[name])
+        return plan_deployment(
+            deployment,
+            [(lane.name, lane.memory, lane.engine_args) for lane in engines.values()],
+            self.device,
+        )
 
     def hosted(self) -> list[LaneSpec]:
         return [self.lanes[n] for n in self.hosted_lanes]
@@ -198,6 +232,11 @@ class InferenceSettings(ServiceSettings):
                 {**config.model_dump(), "hosted_lanes": self.hosted_lanes}
             )
         return config
+
+
+def hf_cache_dir(settings: InferenceSettings) -> Path:
+    """Where `agentmesh models pull` puts Hugging Face weights and serving finds them."""
+    return settings.models_dir() / HF_CACHE_SUBDIR
 
 
 def apply_engine_environment(settings: InferenceSettings, device: Literal["cpu", "gpu"]) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.inference.config import EMBEDDED_PREFIX
+from services.inference.config import EMBEDDED_PREFIX, HF_CACHE_SUBDIR
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +224,26 @@ def _commit(tmp: Path, target: Path) -> None:
     tmp.rename(target)
 
 
+def pulled_snapshot(model_ref: str, cache_dir: Path) -> str | None:
+    """The local folder `agentmesh models pull` put a Hugging Face model in (None: not
+    pulled there; vLLM then resolves the id itself, offline, from the default HF cache)."""
+    hub = cache_dir / HF_CACHE_SUBDIR
+    if Path(model_ref).is_absolute() or not hub.is_dir():
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return str(snapshot_download(repo_id=model_ref, cache_dir=str(hub), local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
+
+
 def resolve_model(model_ref: str, cache_dir: Path, *, progress: bool = False) -> str:
     """What vLLM should load for a lane's model reference (preparing an embedded one once)."""
     name = embedded_name(model_ref)
     if name is None:
-        return model_ref
+        return pulled_snapshot(model_ref, cache_dir) or model_ref
     return str(prepare(name, cache_dir, progress=progress).resolve())
 
 

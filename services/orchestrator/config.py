@@ -13,6 +13,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.orchestrator.loop.policy import AgentProfile, Caps, Ceilings
+from services.orchestrator.topology.settings import TopologySettings
 from shared.config import ClientSettings, RequestLimits, ServiceSettings
 
 
@@ -41,6 +42,9 @@ class OrchestratorSettings(ServiceSettings):
         default_factory=lambda: ClientSettings(target="127.0.0.1:50052")
     )
     tools: ClientSettings = Field(default_factory=lambda: ClientSettings(target="127.0.0.1:50053"))
+    # Lanes across deployments: lane -> pool of inference targets (empty: every lane at
+    # `inference.target`). Each endpoint's channel takes `inference`'s other settings.
+    topology: TopologySettings = Field(default_factory=TopologySettings)
 
     # sqlite+aiosqlite:///path (embedded default: under data_dir), postgresql+asyncpg://...
     # or redis://host:port/db for several replicas.

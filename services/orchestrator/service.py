@@ -30,6 +30,8 @@ from services.orchestrator.request_checks import orchestrator_request_checks
 from services.orchestrator.servicer import AgentServicer
 from services.orchestrator.sessions.base import SessionStore
 from services.orchestrator.sessions.factory import store_from_url
+from services.orchestrator.topology.directory import LaneDirectory
+from services.orchestrator.topology.routed import RoutedInference
 from shared.channels import channel_from_settings
 from shared.config import ClientSettings
 from shared.guard import RequestChecks
@@ -54,6 +56,7 @@ class OrchestratorService:
         *,
         store: SessionStore | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        directory: LaneDirectory | None = None,
     ) -> None:
         self.settings = settings
         # Pass the same registry to GrpcServer so /metrics exports these series.
@@ -63,6 +66,8 @@ class OrchestratorService:
             settings.resolved_store_url(), prefix=settings.session_store_prefix
         )
         self._channels: list[grpc.aio.Channel] = []
+        # Built from settings.topology in register() unless given (tests pass their own).
+        self.directory: LaneDirectory | None = directory
         self._servicer: AgentServicer | None = None
         self.agent: Agent | None = None
 
@@ -72,7 +77,18 @@ class OrchestratorService:
         tools_channel = _channel(settings.tools, TOOLS_RETRY_METHODS)
         self._channels = [inference_channel, tools_channel]
         tools = GrpcTools(tools_channel)
-        runner = TurnRunner(GrpcInference(inference_channel), tools, settings.profile)
+        inference: GrpcInference | RoutedInference = GrpcInference(inference_channel)
+        if self.directory is None and settings.topology.enabled:
+            self.directory = LaneDirectory(
+                settings.topology,
+                lambda target: _channel(
+                    settings.inference.model_copy(update={"target": target}),
+                    INFERENCE_RETRY_METHODS,
+                ),
+            )
+        if self.directory is not None:
+            inference = RoutedInference(self.directory, settings.profile.lane_ladder)
+        runner = TurnRunner(inference, tools, settings.profile)
         self.agent = Agent(
             self.store,
             runner,
@@ -93,15 +109,36 @@ class OrchestratorService:
         assert self.agent is not None and self._servicer is not None
         await self.store.open()
         inference_channel, tools_channel = self._channels
+        wait_s = self.settings.dependency_wait_s
         await asyncio.gather(
-            _wait_serving(tools_channel, TOOLS_SERVICE, self.settings.dependency_wait_s),
-            _wait_serving(inference_channel, INFERENCE_SERVICE, self.settings.dependency_wait_s),
+            _wait_serving(tools_channel, TOOLS_SERVICE, wait_s),
+            self._wait_inference(inference_channel, wait_s),
         )
         registry = await self.agent.registry()
         log.info("tool registry: %s", ", ".join(t.name for t in registry))
         self._servicer.ready = True
 
+    async def _wait_inference(self, channel: grpc.aio.Channel, wait_s: float) -> None:
+        """One deployment: its health. Several: the first rung's pool live, every target
+        hosting the lanes it is configured for (a wrong topology refuses to start)."""
+        if self.directory is None:
+            await _wait_serving(channel, INFERENCE_SERVICE, wait_s)
+            return
+        ladder = [
+            lane for lane in self.settings.profile.lane_ladder if lane in self.directory.lanes
+        ]
+        await self.directory.wait_live(ladder[0] if ladder else self.directory.lanes[0], wait_s)
+        problems = self.directory.problems()
+        if problems:
+            raise ValueError(
+                "inference topology does not match the deployments: " + "; ".join(problems)
+            )
+        log.info("lane directory: %s", self.directory.describe())
+        self.directory.start()
+
     async def close(self) -> None:
+        if self.directory is not None:
+            await self.directory.close()
         for channel in self._channels:
             await channel.close()
         await self.store.close()

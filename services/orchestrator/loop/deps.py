@@ -13,7 +13,7 @@ from services.orchestrator.loop.actions import Limits, RecordReader, WriteCheck
 from services.orchestrator.loop.events import LaneUsage
 from services.orchestrator.loop.policy import AgentProfile
 from services.orchestrator.loop.ports import InferencePort, ToolsPort
-from services.orchestrator.loop.state import TurnState
+from services.orchestrator.loop.state import NoteKind, TurnState
 from services.orchestrator.loop.types import (
     GenerationStats,
     LaneRequest,
@@ -34,7 +34,12 @@ class Deps:
     clock: Callable[[], float]
 
     def lane(self, stage: str, level: int, st: TurnState) -> LaneRequest:
-        return LaneRequest(stage=stage, escalation_level=level, lane=st.inp.forced_lane)
+        return LaneRequest(
+            stage=stage,
+            escalation_level=level,
+            lane=st.inp.forced_lane,
+            session_id=st.inp.session_id,
+        )
 
     def timeout(self, deadline: Deadline) -> float:
         return deadline.timeout(self.profile.deadline_margin_s)
@@ -50,6 +55,8 @@ class Deps:
     def account(self, st: TurnState, stats: GenerationStats, wall: float, *, stage: str) -> None:
         """One sequential LLM stage: usage per lane, the latency table, the stage count."""
         st.llm_stages += 1
+        for text in stats.route_notes:
+            st.note(NoteKind.LANE_FAILOVER, text)
         lane = stats.lane or "unknown"
         entry = st.usage.setdefault(lane, LaneUsage(lane=lane, model=stats.model))
         entry.model = entry.model or stats.model

@@ -53,6 +53,7 @@ class NoteKind(enum.Enum):
     STAGE_FAILED = "stage_failed"  # a downstream LLM stage failed
     ANSWER_FAILED = "answer_failed"  # a downstream died while the answer was written
     ACTION_FAILED = "action_failed"  # a confirmed action's result is unknown
+    LANE_FAILOVER = "lane_failover"  # a lane's deployment was down: the next rung served
 
 
 # Notes of these kinds are told to the user at the end of the answer.

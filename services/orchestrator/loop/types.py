@@ -174,6 +174,8 @@ class LaneRequest:
     stage: str  # "plan" | "tool_call" | "compose"
     escalation_level: int = 0
     lane: str = ""
+    # The session the call serves: replicas are chosen by (session, lane) for cache affinity.
+    session_id: str = ""
 
 
 @dataclass
@@ -201,6 +203,8 @@ class GenerationStats:
     elapsed_s: float = 0.0
     generations: int = 1
     finish_reason: str = ""
+    # Set by the lane router when the call failed over to another lane (why, in words).
+    route_notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
