@@ -17,6 +17,7 @@ import grpc
 from shared.deadlines import downstream_timeout
 from shared.interceptors import REQUEST_ID_HEADER
 from shared.logging import current_request_id
+from shared.telemetry import Telemetry
 
 KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -99,6 +100,7 @@ def create_channel(
     auth_token: str | None = None,
     deadline_margin_s: float = 0.05,
     max_message_bytes: int = 16 * 1024 * 1024,
+    telemetry: Telemetry | None = None,
 ) -> grpc.aio.Channel:
     """An insecure (mTLS comes later) aio channel with the agentmesh call defaults."""
     options: list[tuple[str, Any]] = [
@@ -112,4 +114,7 @@ def create_channel(
         cls(deadline_margin_s, auth_token)
         for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)
     ]
+    if telemetry is not None:
+        # Client spans, and the trace context in the metadata (one turn, one trace).
+        interceptors += telemetry.client_interceptors()
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -18,6 +18,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from shared.telemetry import TelemetrySettings
+
 DEFAULT_DATA_DIR = Path("var")
 
 
@@ -49,6 +51,8 @@ class ServiceSettings(BaseSettings):
     auth_token: SecretStr | None = None
     data_dir: Path = DEFAULT_DATA_DIR
     max_message_bytes: int = 16 * 1024 * 1024
+    # OpenTelemetry traces (exporter none by default; see shared/telemetry.py).
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
 
 class ClientSettings(BaseModel):

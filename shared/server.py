@@ -27,6 +27,7 @@ from shared.health import HealthReporter
 from shared.interceptors import DrainInterceptor, default_interceptors
 from shared.logging import configure_logging
 from shared.metrics import MetricsHttpServer, RpcMetrics
+from shared.telemetry import Telemetry
 
 log = logging.getLogger("agentmesh.server")
 
@@ -61,6 +62,8 @@ class GrpcServer:
         metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.service = service
+        # A service that traces exposes its Telemetry; the server spans join its traces.
+        self.telemetry: Telemetry | None = getattr(service, "telemetry", None)
         self.settings = settings
         self.metrics_registry = metrics_registry or service.metrics_registry
         self._rpc_metrics = RpcMetrics(self.metrics_registry)
@@ -77,6 +80,7 @@ class GrpcServer:
         self._drain = DrainInterceptor()
         self._server = grpc.aio.server(
             interceptors=[
+                *(self.telemetry.server_interceptors() if self.telemetry else []),
                 *default_interceptors(self._rpc_metrics, self._drain, token),
                 *extra_interceptors,
             ],
@@ -201,6 +205,8 @@ async def serve(
     await stop_requested.wait()
     announcer.cancel()
     await server.stop()
+    if server.telemetry is not None:
+        server.telemetry.shutdown()  # flush the exporter's last batch
     return 1 if server.warm_up_failed else 0
 
 
