@@ -158,7 +158,11 @@ class Telemetry:
 
     @classmethod
     def with_exporter(
-        cls, exporter: SpanExporter, service_name: str = "agentmesh", *, capture_content: bool = False
+        cls,
+        exporter: SpanExporter,
+        service_name: str = "agentmesh",
+        *,
+        capture_content: bool = False,
     ) -> Telemetry:
         """Every span to ``exporter`` as it ends, redacted (tests: an in-memory exporter)."""
         provider = _provider(service_name, 1.0)
@@ -175,7 +179,7 @@ class Telemetry:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
         return [
-            aio_server_interceptor(
+            aio_server_interceptor(  # type: ignore[no-untyped-call]
                 tracer_provider=self.provider,
                 filter_=_not_probes(filters),
             )
@@ -186,7 +190,7 @@ class Telemetry:
             return []
         from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
 
-        interceptors: list[Any] = aio_client_interceptors(
+        interceptors: list[Any] = aio_client_interceptors(  # type: ignore[no-untyped-call]
             tracer_provider=self.provider,
             filter_=_not_probes(filters),
         )
@@ -206,8 +210,6 @@ def _not_probes(filters: Any) -> Any:
 
 def _provider(service_name: str, ratio: float) -> TracerProvider:
     return TracerProvider(
-        resource=Resource.create(
-            {"service.name": service_name, "service.namespace": "agentmesh"}
-        ),
+        resource=Resource.create({"service.name": service_name, "service.namespace": "agentmesh"}),
         sampler=ParentBased(TraceIdRatioBased(ratio)),
     )

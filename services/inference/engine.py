@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from services.inference.dtype import DtypeChoice, MachineFacts, choose_dtype, machine_facts
+from services.inference.engine_stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class VllmEngine:
     device: str = "cpu"
     # Reads the machine's facts for the dtype choice (tests pass their own).
     facts: Callable[[str], MachineFacts] = machine_facts
+    # Where vLLM's stat logger writes engine state (None: no engine stats).
+    stats: EngineStats | None = None
     max_model_len: int = field(init=False)
     dtype_choice: DtypeChoice | None = field(init=False, default=None)
     _llm: Any = field(init=False, default=None)
@@ -125,8 +128,14 @@ class VllmEngine:
         engine_args = AsyncEngineArgs(model=model_path, **args)
         # Building the engine blocks (it waits for the core process): keep the loop free for
         # health checks meanwhile.
+        loggers = (
+            [self.stats.logger_factory(self.model_ref, self.engine_id, self.device)]
+            if self.stats is not None
+            else None
+        )
         self._llm = await asyncio.wait_for(
-            asyncio.to_thread(AsyncLLM.from_engine_args, engine_args), self.start_timeout_s
+            asyncio.to_thread(AsyncLLM.from_engine_args, engine_args, stat_loggers=loggers),
+            self.start_timeout_s,
         )
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = int(self._llm.model_config.max_model_len)
@@ -238,7 +247,10 @@ EngineFactory = Callable[[str, str, dict[str, Any]], Engine]
 
 
 def vllm_engine_factory(
-    resolve: Callable[[str], str], start_timeout_s: float, device: str = "cpu"
+    resolve: Callable[[str], str],
+    start_timeout_s: float,
+    device: str = "cpu",
+    stats: EngineStats | None = None,
 ) -> EngineFactory:
     def make(engine_id: str, model_ref: str, engine_args: dict[str, Any]) -> Engine:
         return VllmEngine(
@@ -248,6 +260,7 @@ def vllm_engine_factory(
             resolve=resolve,
             start_timeout_s=start_timeout_s,
             device=device,
+            stats=stats,
         )
 
     return make

@@ -260,10 +260,15 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):  # type: ignore
             reject_action_id=request.reject_action_id,
             deadline=current_deadline(),
         )
-        async with aclosing(turn) as events:
-            async for event in events:
-                if self._metrics is not None:
-                    self._metrics.observe(event)
-                message = event_to_proto(event)
-                if message is not None:
-                    yield message
+        observer = self._metrics.turn(request.session_id) if self._metrics is not None else None
+        try:
+            async with aclosing(turn) as events:
+                async for event in events:
+                    if observer is not None:
+                        observer.observe(event)
+                    message = event_to_proto(event)
+                    if message is not None:
+                        yield message
+        finally:
+            if observer is not None:
+                observer.close()

@@ -21,6 +21,7 @@ from services.tools.principal import Principal
 from services.tools.registry import Effect, Registry, default_registry
 from shared.errors import InvalidArgument, Unavailable
 from shared.health import HealthReporter
+from shared.telemetry import Telemetry
 
 log = logging.getLogger("agentmesh.tools")
 
@@ -150,8 +151,10 @@ class ToolsService:
         backends: Backends | None = None,
         registry: Registry | None = None,
         embedder: Embedder | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry or Telemetry.from_settings(settings.telemetry, self.name)
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.registry = registry or default_registry(allow_email_lookup=settings.allow_email_lookup)
         self._metrics = ToolMetrics(self.metrics_registry)
@@ -174,6 +177,7 @@ class ToolsService:
             metrics=self._metrics,
             max_output_tokens=self.settings.max_output_tokens,
             sources=toolbox.sources(),
+            tracer=self.telemetry.tracer,
         )
         log.info(
             "tool registry %s ready: %s", self.registry.version, ", ".join(self.registry.names())

@@ -145,9 +145,7 @@ class TurnRunner:
         principal = inp.principal
         allowed = set(profile.allowed_tools)
         usable = [
-            t
-            for t in inp.registry
-            if principal.may_use(t) and (not allowed or t.name in allowed)
+            t for t in inp.registry if principal.may_use(t) and (not allowed or t.name in allowed)
         ]
         return TurnState(
             inp=inp,
