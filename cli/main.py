@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cli import chat
+from cli import chat, replay
 from shared.config import BootstrapSettings, child_process_environment
 
 app = typer.Typer(help="agentmesh: a gRPC agent backend on vLLM.", no_args_is_help=True)
@@ -174,6 +174,7 @@ def health(
 
 
 chat.register(app)
+replay.register(app)
 
 if __name__ == "__main__":
     app()
