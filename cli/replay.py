@@ -87,6 +87,9 @@ async def _run(
                 def on_turn(result: Any) -> None:
                     mark = "ok" if result.name_hits == len(result.expected) else "miss"
                     progress.update(task, advance=1, last=f"{result.id}: {mark}")
+                    if not console.is_terminal:  # logs: one line per turn instead of a bar
+                        done = int(progress.tasks[0].completed)
+                        console.print(f"{done}/{len(records)} {result.id}: {mark}")
 
                 report = await replay(
                     records,
