@@ -1,8 +1,9 @@
 """Tool selection on the labelled customer-success turns (tests/data/tool_selection_turns.jsonl):
 the plan stage of the embedded workhorse, scored as the plan chose ("plan") and with the
 reference reads as its default ("default_reads"). Prints precision, recall and F1 by tool
-name (micro-averaged over the turns that need tools) and abstention accuracy (turns that need
-none) for both; the better one is the embedded default (config/embedded.yaml).
+name (micro-averaged over the turns that need tools; services/orchestrator/replay/scoring.py)
+and abstention accuracy (turns that need none, scored apart) for both; the better one is the
+embedded default (config/embedded.yaml).
 
     python -m bench.tool_selection [--limit N]
 """
@@ -12,59 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from services.orchestrator.replay.scoring import Score
 
 REPO = Path(__file__).resolve().parents[1]
 TURNS = REPO / "tests" / "data" / "tool_selection_turns.jsonl"
 MODES = ("plan", "default_reads")
-
-
-@dataclass
-class Score:
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
-    abstain_right: int = 0
-    abstain_total: int = 0
-
-    def add(self, expected: Sequence[str], chosen: Sequence[str]) -> None:
-        want, got = set(expected), set(chosen)
-        if not want:
-            self.abstain_total += 1
-            self.abstain_right += int(not got)
-            self.fp += len(got)
-            return
-        self.tp += len(want & got)
-        self.fp += len(got - want)
-        self.fn += len(want - got)
-
-    @property
-    def precision(self) -> float:
-        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
-
-    @property
-    def recall(self) -> float:
-        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
-
-    @property
-    def f1(self) -> float:
-        p, r = self.precision, self.recall
-        return 2 * p * r / (p + r) if p + r else 0.0
-
-    @property
-    def abstention(self) -> float:
-        return self.abstain_right / self.abstain_total if self.abstain_total else 0.0
-
-    def row(self) -> dict[str, float]:
-        return {
-            "precision": round(self.precision, 3),
-            "recall": round(self.recall, 3),
-            "f1": round(self.f1, 3),
-            "abstention_accuracy": round(self.abstention, 3),
-        }
 
 
 def load_turns(path: Path = TURNS) -> list[dict[str, Any]]:
@@ -120,12 +76,16 @@ async def main(limit: int) -> None:
                     "default_reads": runner.apply_selection(inp, planned, "default_reads"),
                 }
                 for mode in MODES:
-                    scores[mode].add(turn["tools"], chosen[mode])
+                    scores[mode].add_names(turn["tools"], chosen[mode])
                 rows.append({"id": turn["id"], "expected": turn["tools"], **chosen})
                 print(f"{turn['id']:<20} want {turn['tools']} plan {planned}", flush=True)
     finally:
         await server.stop(grace=2)
-    report = {mode: scores[mode].row() for mode in MODES}
+    report = {
+        mode: scores[mode].row()["by_name"]
+        | {"abstention_accuracy": scores[mode].row()["abstention_accuracy"]}
+        for mode in MODES
+    }
     print(json.dumps(report, indent=2))
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)

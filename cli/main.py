@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli import chat, models
+from cli import chat, models, replay
 from cli.supervisor import ChildSpec, Supervisor, run_until_signalled, terminate_with_parent
 from shared.config import BootstrapSettings, child_process_environment
 
@@ -114,6 +114,7 @@ def health(
 
 
 chat.register(app)
+replay.register(app)
 
 if __name__ == "__main__":
     app()

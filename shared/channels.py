@@ -18,6 +18,7 @@ from shared.config import ClientSettings, ClientTlsSettings
 from shared.deadlines import downstream_timeout
 from shared.interceptors import REQUEST_ID_HEADER
 from shared.logging import current_request_id
+from shared.telemetry import Telemetry
 from shared.tls import channel_credentials, channel_tls_options, check_plaintext, split_host
 
 KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
@@ -106,6 +107,7 @@ def create_channel(
     deadline_margin_s: float = 0.05,
     max_message_bytes: int = 16 * 1024 * 1024,
     tls: ClientTlsSettings | None = None,
+    telemetry: Telemetry | None = None,
 ) -> grpc.aio.Channel:
     """An aio channel with the agentmesh call defaults: TLS (verifying the server's name,
     presenting a client certificate when configured) when ``tls`` is given, else plaintext."""
@@ -120,6 +122,9 @@ def create_channel(
         cls(deadline_margin_s, auth_token)
         for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)
     ]
+    if telemetry is not None:
+        # Client spans, and the trace context in the metadata (one turn, one trace).
+        interceptors += telemetry.client_interceptors()
     if tls is not None:
         options += channel_tls_options(tls)
         return grpc.aio.secure_channel(
@@ -133,6 +138,7 @@ def channel_from_settings(
     *,
     retry_methods: Sequence[tuple[str, str | None]] = (),
     max_message_bytes: int = 16 * 1024 * 1024,
+    telemetry: Telemetry | None = None,
 ) -> grpc.aio.Channel:
     """The channel a ClientSettings describes: TLS and token from configuration; plaintext
     only to a loopback target or with ``allow_plaintext``."""
@@ -147,4 +153,5 @@ def channel_from_settings(
         deadline_margin_s=client.deadline_margin_s,
         max_message_bytes=max_message_bytes,
         tls=client.tls,
+        telemetry=telemetry,
     )

@@ -18,6 +18,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from shared.telemetry import TelemetrySettings
+
 DEFAULT_DATA_DIR = Path("var")
 
 
@@ -144,6 +146,8 @@ class ServiceSettings(BaseSettings):
     # Transport-level cap of any message (grpc core: RESOURCE_EXHAUSTED above it).
     max_message_bytes: int = 16 * 1024 * 1024
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    # OpenTelemetry traces (exporter none by default; see shared/telemetry.py).
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
 
 class ClientSettings(BaseModel):

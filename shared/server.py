@@ -29,6 +29,7 @@ from shared.health import HealthReporter
 from shared.interceptors import DrainInterceptor, default_interceptors
 from shared.logging import configure_logging
 from shared.metrics import MetricsHttpServer, RpcMetrics
+from shared.telemetry import Telemetry
 from shared.tls import check_plaintext, server_credentials
 
 log = logging.getLogger("agentmesh.server")
@@ -98,6 +99,8 @@ class GrpcServer:
         metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.service = service
+        # A service that traces exposes its Telemetry; the server spans join its traces.
+        self.telemetry: Telemetry | None = getattr(service, "telemetry", None)
         self.settings = settings
         self.metrics_registry = metrics_registry or service.metrics_registry
         self._rpc_metrics = RpcMetrics(self.metrics_registry)
@@ -116,6 +119,7 @@ class GrpcServer:
         self._drain = DrainInterceptor()
         self._server = grpc.aio.server(
             interceptors=[
+                *(self.telemetry.server_interceptors() if self.telemetry else []),
                 *default_interceptors(self._rpc_metrics, self._drain, self.authenticator, guard),
                 *extra_interceptors,
             ],
@@ -254,6 +258,8 @@ async def serve(
     await stop_requested.wait()
     announcer.cancel()
     await server.stop()
+    if server.telemetry is not None:
+        server.telemetry.shutdown()  # flush the exporter's last batch
     return 1 if server.warm_up_failed else 0
 
 

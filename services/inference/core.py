@@ -320,7 +320,7 @@ class InferenceCore:
             result.add(delta, started)
             parts.append(delta.text)
         result.text = "".join(parts)
-        self.metrics.account(lane.name, result)
+        self.metrics.account(lane.name, result, time.monotonic() - started)
         return result
 
     def _choice(self, lane: Lane, choice: RouteChoice) -> pb.LaneChoice:
@@ -353,7 +353,7 @@ class InferenceCore:
                 text = splitter.feed(delta.text) if splitter is not None else delta.text
                 if text:
                     yield pb.StreamGenerateResponse(text_delta=text)
-        self.metrics.account(lane.name, result)
+        self.metrics.account(lane.name, result, time.monotonic() - started)
         if splitter is not None:
             tail = splitter.finish()
             if tail:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from typing import Any, Literal, Protocol
 
 from services.inference.dtype import DtypeChoice, MachineFacts, choose_dtype, machine_facts
 from services.inference.engine_child import install_parent_death_signal
+from services.inference.engine_stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,8 @@ class VllmEngine:
     device: str = "cpu"
     # Reads the machine's facts for the dtype choice (tests pass their own).
     facts: Callable[[str], MachineFacts] = machine_facts
+    # Where vLLM's stat logger writes engine state (None: no engine stats).
+    stats: EngineStats | None = None
     max_model_len: int = field(init=False)
     # The scheduler's sequence cap, known once started (the admission budget's ceiling).
     max_num_seqs: int | None = field(init=False, default=None)
@@ -150,7 +154,14 @@ class VllmEngine:
         loop = asyncio.get_running_loop()
         # Building the engine blocks (it waits for the core process): keep the loop free for
         # health checks meanwhile.
-        build = loop.run_in_executor(owner, AsyncLLM.from_engine_args, engine_args)
+        loggers = (
+            [self.stats.logger_factory(self.model_ref, self.engine_id, self.device)]
+            if self.stats is not None
+            else None
+        )
+        build = loop.run_in_executor(
+            owner, functools.partial(AsyncLLM.from_engine_args, engine_args, stat_loggers=loggers)
+        )
         try:
             self._llm = await asyncio.wait_for(asyncio.shield(build), self.start_timeout_s)
         except BaseException:
@@ -307,7 +318,10 @@ EngineFactory = Callable[[str, str, dict[str, Any]], Engine]
 
 
 def vllm_engine_factory(
-    resolve: Callable[[str], str], start_timeout_s: float, device: str = "cpu"
+    resolve: Callable[[str], str],
+    start_timeout_s: float,
+    device: str = "cpu",
+    stats: EngineStats | None = None,
 ) -> EngineFactory:
     def make(engine_id: str, model_ref: str, engine_args: dict[str, Any]) -> Engine:
         return VllmEngine(
@@ -317,6 +331,7 @@ def vllm_engine_factory(
             resolve=resolve,
             start_timeout_s=start_timeout_s,
             device=device,
+            stats=stats,
         )
 
     return make

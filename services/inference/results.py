@@ -61,8 +61,16 @@ class Metrics:
     tokens: Counter = field(init=False)
     rejected: Counter = field(init=False)
     calls: Counter = field(init=False)
+    itl: Histogram = field(init=False)
 
     def __post_init__(self) -> None:
+        self.itl = Histogram(
+            "agentmesh_inference_inter_token_latency_seconds",
+            "Mean time between output tokens of one generation, after the first.",
+            ["lane"],
+            buckets=(0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1),
+            registry=self.registry,
+        )
         self.ttft = Histogram(
             "agentmesh_inference_ttft_seconds",
             "Time to first token.",
@@ -89,7 +97,11 @@ class Metrics:
             registry=self.registry,
         )
 
-    def account(self, lane: str, result: GenResult) -> None:
+    def account(self, lane: str, result: GenResult, elapsed_s: float = 0.0) -> None:
+        if elapsed_s > result.ttft_s > 0 and result.completion_tokens > 1:
+            self.itl.labels(lane).observe(
+                (elapsed_s - result.ttft_s) / (result.completion_tokens - 1)
+            )
         self.tokens.labels(lane, "prompt").inc(result.prompt_tokens)
         self.tokens.labels(lane, "cached").inc(result.cached_tokens)
         self.tokens.labels(lane, "completion").inc(result.completion_tokens)

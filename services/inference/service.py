@@ -16,11 +16,13 @@ from prometheus_client import CollectorRegistry
 from services.inference.config import InferenceSettings, LanesConfig, apply_engine_environment
 from services.inference.core import InferenceCore
 from services.inference.engine import EngineFactory, vllm_engine_factory
+from services.inference.engine_stats import EngineStats
 from services.inference.lanes import EngineDeathHook
 from services.inference.model_prep import resolve_model
 from services.inference.request_checks import inference_request_checks
 from shared.guard import RequestChecks
 from shared.health import HealthReporter
+from shared.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class InferenceService:
         registry: CollectorRegistry | None = None,
         on_engine_death: EngineDeathHook | None = None,
         watch_interval_s: float = 1.0,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         # Called once per engine that dies after serving; `python -m services.inference` passes
@@ -88,6 +91,11 @@ class InferenceService:
         self._watch_interval_s = watch_interval_s
         self.lanes_config = lanes or settings.load_lanes()
         self._device = device
+        # Lane metrics (TTFT, tokens, rejections, call outcomes) and engine state; the
+        # bootstrap serves this registry on /metrics together with the RPC metrics.
+        self.metrics_registry = registry or CollectorRegistry()
+        self.engine_stats = EngineStats(self.metrics_registry)
+        self.telemetry = telemetry or Telemetry.from_settings(settings.telemetry, self.name)
         if engine_factory is None:
             models_dir = settings.models_dir()
 
@@ -95,14 +103,14 @@ class InferenceService:
                 return resolve_model(ref, models_dir)
 
             engine_factory = vllm_engine_factory(
-                resolve, settings.engine_start_timeout_s, "cuda" if device == "gpu" else "cpu"
+                resolve,
+                settings.engine_start_timeout_s,
+                "cuda" if device == "gpu" else "cpu",
+                stats=self.engine_stats,
             )
             self._real_engines = True
         else:
             self._real_engines = False
-        # Lane metrics (TTFT, tokens, rejections, call outcomes); the bootstrap serves this
-        # registry on /metrics together with the RPC metrics.
-        self.metrics_registry = registry or CollectorRegistry()
         self.core = InferenceCore(
             self.lanes_config, settings, engine_factory, self.metrics_registry
         )

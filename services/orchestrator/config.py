@@ -9,6 +9,8 @@ limits: ``config/embedded.yaml`` (what ``make run`` starts) carries those values
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -66,6 +68,11 @@ class OrchestratorSettings(ServiceSettings):
     lease_margin_s: float = Field(default=30.0, ge=0)
     # Warm-up waits this long for the inference and tools services to report SERVING.
     dependency_wait_s: float = Field(default=600.0, gt=0)
+    # Opt-in: every finished turn appended here as a redacted JSON-lines turn record (what
+    # `agentmesh replay` re-runs). Unset: nothing is recorded.
+    record_turns_path: Path | None = None
+    # A session counts as active this long after its last turn (agentmesh_active_sessions).
+    active_session_window_s: float = Field(default=300.0, gt=0)
 
     def resolved_store_url(self) -> str:
         if self.session_store_url:

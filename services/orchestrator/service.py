@@ -25,25 +25,32 @@ from services.orchestrator.clients import (
 )
 from services.orchestrator.config import OrchestratorSettings
 from services.orchestrator.loop.runner import TurnRunner
+from services.orchestrator.loop.trace import Tracers, TurnTracer
 from services.orchestrator.metrics import OrchestratorMetrics
+from services.orchestrator.replay.recorder import TurnRecorder
 from services.orchestrator.request_checks import orchestrator_request_checks
 from services.orchestrator.servicer import AgentServicer
 from services.orchestrator.sessions.base import SessionStore
 from services.orchestrator.sessions.factory import store_from_url
 from services.orchestrator.topology.directory import LaneDirectory
 from services.orchestrator.topology.routed import RoutedInference
+from services.orchestrator.tracing import OtelTurnTracer
 from shared.channels import channel_from_settings
 from shared.config import ClientSettings
 from shared.guard import RequestChecks
 from shared.health import HealthReporter
+from shared.telemetry import Telemetry
 
 log = logging.getLogger("agentmesh.orchestrator")
 
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
 
-def _channel(client: ClientSettings, retry: Sequence[tuple[str, str | None]]) -> grpc.aio.Channel:
-    return channel_from_settings(client, retry_methods=retry)  # TLS + token from settings
+def _channel(
+    client: ClientSettings, retry: Sequence[tuple[str, str | None]], telemetry: Telemetry
+) -> grpc.aio.Channel:
+    """TLS and token from settings; client spans and trace context when tracing is on."""
+    return channel_from_settings(client, retry_methods=retry, telemetry=telemetry)
 
 
 class OrchestratorService:
@@ -57,11 +64,15 @@ class OrchestratorService:
         store: SessionStore | None = None,
         metrics_registry: CollectorRegistry | None = None,
         directory: LaneDirectory | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry or Telemetry.from_settings(settings.telemetry, self.name)
         # Pass the same registry to GrpcServer so /metrics exports these series.
         self.metrics_registry = metrics_registry or CollectorRegistry()
-        self.metrics = OrchestratorMetrics(self.metrics_registry)
+        self.metrics = OrchestratorMetrics(
+            self.metrics_registry, active_window_s=settings.active_session_window_s
+        )
         self.store = store or store_from_url(
             settings.resolved_store_url(), prefix=settings.session_store_prefix
         )
@@ -73,8 +84,8 @@ class OrchestratorService:
 
     def register(self, server: grpc.aio.Server) -> None:
         settings = self.settings
-        inference_channel = _channel(settings.inference, INFERENCE_RETRY_METHODS)
-        tools_channel = _channel(settings.tools, TOOLS_RETRY_METHODS)
+        inference_channel = _channel(settings.inference, INFERENCE_RETRY_METHODS, self.telemetry)
+        tools_channel = _channel(settings.tools, TOOLS_RETRY_METHODS, self.telemetry)
         self._channels = [inference_channel, tools_channel]
         tools = GrpcTools(tools_channel)
         inference: GrpcInference | RoutedInference = GrpcInference(inference_channel)
@@ -84,11 +95,15 @@ class OrchestratorService:
                 lambda target: _channel(
                     settings.inference.model_copy(update={"target": target}),
                     INFERENCE_RETRY_METHODS,
+                    self.telemetry,
                 ),
             )
         if self.directory is not None:
             inference = RoutedInference(self.directory, settings.profile.lane_ladder)
-        runner = TurnRunner(inference, tools, settings.profile)
+        tracers: list[TurnTracer] = [OtelTurnTracer(self.telemetry)]
+        if settings.record_turns_path is not None:
+            tracers.append(TurnRecorder(settings.record_turns_path))
+        runner = TurnRunner(inference, tools, settings.profile, tracer=Tracers(tracers))
         self.agent = Agent(
             self.store,
             runner,

@@ -273,10 +273,15 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):  # type: ignore
             deadline=current_deadline(),
             request_id=request.request_id,
         )
-        async with aclosing(turn) as events:
-            async for event in events:
-                if self._metrics is not None:
-                    self._metrics.observe(event)
-                message = event_to_proto(event)
-                if message is not None:
-                    yield message
+        observer = self._metrics.turn(request.session_id) if self._metrics is not None else None
+        try:
+            async with aclosing(turn) as events:
+                async for event in events:
+                    if observer is not None:
+                        observer.observe(event)
+                    message = event_to_proto(event)
+                    if message is not None:
+                        yield message
+        finally:
+            if observer is not None:
+                observer.close()

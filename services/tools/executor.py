@@ -21,11 +21,13 @@ from typing import Any
 
 import jsonschema
 from jsonschema import Draft202012Validator
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.tools.output import DEFAULT_MAX_OUTPUT_TOKENS, fence, shape_output
 from services.tools.principal import Principal
 from services.tools.registry import Effect, Registry, ToolDefinition
+from shared import semconv as sc
 from shared.deadlines import Deadline, current_deadline
 from shared.errors import (
     AgentmeshError,
@@ -154,7 +156,9 @@ class ToolExecutor:
         metrics: ToolMetrics,
         max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
         sources: Mapping[str, str] | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
+        self._tracer = tracer or trace.NoOpTracer()
         missing = set(registry.names()) - set(handlers)
         if missing:
             raise ValueError(f"no handler for tools: {sorted(missing)}")
@@ -188,7 +192,31 @@ class ToolExecutor:
         principal: Principal,
         rpc_deadline: Deadline | None = None,
     ) -> CallResult:
-        """One call; never raises for the call's own failure (see ``CallResult.status``)."""
+        """One call, in an ``execute_tool {name}`` span; never raises for the call's own
+        failure (see ``CallResult.status``)."""
+        with self._tracer.start_as_current_span(
+            sc.tool_span(invocation.name),
+            attributes={
+                sc.GEN_AI_OPERATION_NAME: sc.OP_EXECUTE_TOOL,
+                sc.GEN_AI_TOOL_NAME: invocation.name,
+                sc.GEN_AI_TOOL_CALL_ID: invocation.call_id,
+                sc.GEN_AI_TOOL_TYPE: sc.TOOL_TYPE_FUNCTION,
+            },
+        ) as span:
+            result = await self._execute(invocation, principal, rpc_deadline)
+            span.set_attribute(sc.AM_TOOL_STATUS, result.status.value)
+            span.set_attribute(sc.AM_TOOL_SOURCE, result.source)
+            if result.status is not CallStatus.OK:
+                span.set_attribute(sc.ERROR_TYPE, result.status.value)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, result.status.value))
+            return result
+
+    async def _execute(
+        self,
+        invocation: Invocation,
+        principal: Principal,
+        rpc_deadline: Deadline | None,
+    ) -> CallResult:
         started_wall = time.time()
         started = time.monotonic()
         tool = self._registry.get(invocation.name)

@@ -23,6 +23,7 @@ from services.tools.request_checks import tools_request_checks
 from shared.errors import InvalidArgument, Unavailable
 from shared.guard import RequestChecks
 from shared.health import HealthReporter
+from shared.telemetry import Telemetry
 
 log = logging.getLogger("agentmesh.tools")
 
@@ -152,8 +153,10 @@ class ToolsService:
         backends: Backends | None = None,
         registry: Registry | None = None,
         embedder: Embedder | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry or Telemetry.from_settings(settings.telemetry, self.name)
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.registry = registry or default_registry(allow_email_lookup=settings.allow_email_lookup)
         self._metrics = ToolMetrics(self.metrics_registry)
@@ -179,6 +182,7 @@ class ToolsService:
             metrics=self._metrics,
             max_output_tokens=self.settings.max_output_tokens,
             sources=toolbox.sources(),
+            tracer=self.telemetry.tracer,
         )
         log.info(
             "tool registry %s ready: %s", self.registry.version, ", ".join(self.registry.names())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from services.orchestrator.loop.actions import Limits, RecordReader, WriteCheck
@@ -14,6 +14,7 @@ from services.orchestrator.loop.events import LaneUsage
 from services.orchestrator.loop.policy import AgentProfile
 from services.orchestrator.loop.ports import InferencePort, ToolsPort
 from services.orchestrator.loop.state import NoteKind, TurnState
+from services.orchestrator.loop.trace import NoTracer, TurnTracer
 from services.orchestrator.loop.types import (
     GenerationStats,
     LaneRequest,
@@ -32,6 +33,7 @@ class Deps:
     profile: AgentProfile
     checks: Mapping[str, WriteCheck]
     clock: Callable[[], float]
+    tracer: TurnTracer = field(default_factory=NoTracer)
 
     def lane(self, stage: str, level: int, st: TurnState) -> LaneRequest:
         return LaneRequest(
@@ -52,8 +54,28 @@ class Deps:
         except TimeoutError as exc:
             raise DeadlineExceeded("the turn's budget ran out") from exc
 
-    def account(self, st: TurnState, stats: GenerationStats, wall: float, *, stage: str) -> None:
-        """One sequential LLM stage: usage per lane, the latency table, the stage count."""
+    def account(
+        self,
+        st: TurnState,
+        stats: GenerationStats,
+        wall: float,
+        *,
+        stage: str,
+        parse_failures: int = 0,
+        first_chunk_s: float | None = None,
+    ) -> None:
+        """One sequential LLM stage: usage per lane, the latency table, the stage count
+        (and the stage to the turn's observer)."""
+        end = self.clock()
+        st.trace.llm(
+            stage,
+            end - wall,
+            end,
+            stats,
+            level=st.tool_level if stage == "tool_emit" else 0,
+            parse_failures=parse_failures,
+            first_chunk_s=first_chunk_s,
+        )
         st.llm_stages += 1
         for text in stats.route_notes:
             st.note(NoteKind.LANE_FAILOVER, text)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing
 
 from services.orchestrator.loop import prompts
 from services.orchestrator.loop.actions import WriteCheck, default_write_checks
@@ -40,6 +41,7 @@ from services.orchestrator.loop.stages.emit import emit_round, sort_emitted
 from services.orchestrator.loop.stages.execute import execute, observe
 from services.orchestrator.loop.stages.plan import plan, select
 from services.orchestrator.loop.state import NoteKind, TurnInput, TurnState
+from services.orchestrator.loop.trace import NoTracer, TurnTrace, TurnTracer
 from services.orchestrator.loop.types import (
     Action,
     ActionState,
@@ -69,6 +71,7 @@ class TurnRunner:
         *,
         checks: Mapping[str, WriteCheck] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tracer: TurnTracer | None = None,
     ) -> None:
         self._d = Deps(
             inference=inference,
@@ -76,6 +79,7 @@ class TurnRunner:
             profile=profile,
             checks=dict(default_write_checks() if checks is None else checks),
             clock=clock,
+            tracer=tracer or NoTracer(),
         )
 
     @property
@@ -85,9 +89,23 @@ class TurnRunner:
     # ------------------------------------------------------------------ the turn
 
     async def run(self, inp: TurnInput) -> AsyncGenerator[TurnEvent, None]:
+        started = self._d.clock()
+        trace = self._d.tracer.begin(inp, started)
+        try:
+            async with aclosing(self._run(inp, trace, started)) as events:
+                async for event in events:
+                    trace.event(event)
+                    yield event
+        finally:
+            trace.close()
+
+    async def _run(
+        self, inp: TurnInput, trace: TurnTrace, started: float
+    ) -> AsyncGenerator[TurnEvent, None]:
         d = self._d
-        started = d.clock()
         st = self._state(inp)
+        st.trace = trace
+        trace.offered([t.name for t in st.model_tools])
         yield TurnStarted(turn_id=inp.turn_id, turn_index=inp.turn_index)
         yield MessagesCommitted((st.user,))
         await self._fit(st)
@@ -153,6 +171,7 @@ class TurnRunner:
         """Budget the prompt to the lane's window in its own tokens (see loop/context.py)."""
         d = self._d
         profile = d.profile
+        t0 = d.clock()
         try:
             fitted = await d.bounded(
                 fit_context(
@@ -176,10 +195,12 @@ class TurnRunner:
                 st.tools_deadline,
             )
         except AgentmeshError as exc:
+            st.trace.stage("context", t0, d.clock())
             st.note(
                 NoteKind.CONTEXT, f"the context could not be measured ({exc.code.name.lower()})"
             )
             return
+        st.trace.stage("context", t0, d.clock())
         st.history = fitted.history
         st.user = fitted.user
         st.observe_tokens = fitted.observe_tokens

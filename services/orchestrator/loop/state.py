@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from services.orchestrator.loop.events import LaneUsage, Latency, Outcome
 from services.orchestrator.loop.policy import Caps
+from services.orchestrator.loop.trace import NoTrace, TurnTrace
 from services.orchestrator.loop.types import Action, Message, Principal, ToolDef
 from shared.deadlines import Deadline
 
@@ -105,6 +106,8 @@ class TurnState:
     usage: dict[str, LaneUsage] = field(default_factory=dict)
     latency: Latency = field(default_factory=Latency)
     answer: str = ""
+    # The turn's observer (spans, recording); the runner sets it.
+    trace: TurnTrace = field(default_factory=NoTrace)
 
     def messages(self) -> list[Message]:
         return [*self.base, *self.history, self.user, *self.traffic]

@@ -52,6 +52,7 @@ async def answer(d: Deps, st: TurnState, chosen: list[EmittedCall]) -> AsyncIter
     parts: list[str] = []
     stats: GenerationStats | None = None
     t0 = d.clock()
+    first_chunk: float | None = None
     if st.turn_deadline.time_remaining() <= profile.deadline_margin_s + 0.05:
         st.note(NoteKind.BUDGET, "no time was left to write a full answer")
         return
@@ -73,6 +74,8 @@ async def answer(d: Deps, st: TurnState, chosen: list[EmittedCall]) -> AsyncIter
                     elif isinstance(item, ToolCallsChosen):
                         chosen.extend(item.calls)
                     elif item.text:
+                        if first_chunk is None:
+                            first_chunk = d.clock() - t0
                         parts.append(item.text)
                         yield ComposeText(item.text)
     except (DeadlineExceeded, TimeoutError):
@@ -84,9 +87,10 @@ async def answer(d: Deps, st: TurnState, chosen: list[EmittedCall]) -> AsyncIter
         )
     wall = d.clock() - t0
     if stats is not None:
-        d.account(st, stats, wall, stage="compose")
+        d.account(st, stats, wall, stage="compose", first_chunk_s=first_chunk)
         if stats.finish_reason == "LENGTH":
             st.note(NoteKind.CONTEXT, "the answer was cut at its length limit")
     else:
         st.latency.compose += wall
+        st.trace.stage("compose", t0, t0 + wall)
     st.answer += "".join(parts)

@@ -101,9 +101,9 @@ async def emit_round(
                 NoteKind.STAGE_FAILED, f"tool calls could not be emitted ({exc.code.name.lower()})"
             )
             return
-        d.account(st, emitted.stats, d.clock() - t0, stage="tool_emit")
-
+        wall = d.clock() - t0
         failed, good = sort_emitted(pending, emitted.calls)
+        d.account(st, emitted.stats, wall, stage="tool_emit", parse_failures=len(failed))
         invalid: dict[str, str] = {}
         if good:
             async for event in execute(d, st, [c.call for c in good], round_no, invalid):

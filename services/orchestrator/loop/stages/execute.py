@@ -129,7 +129,9 @@ async def execute(
     ]
     assistant = Message(Role.ASSISTANT, "", tool_calls=tuple(recorded))
     st.traffic.extend([assistant, *tool_messages])
-    st.latency.observe += d.clock() - t_obs
+    t_end = d.clock()
+    st.latency.observe += t_end - t_obs
+    st.trace.stage("observe", t_obs, t_end)
     for event in finished:
         if event.call_id in cut:
             event = dataclasses.replace(event, truncated=True)
@@ -170,7 +172,9 @@ async def _run_batch(
             )
             for call, _ in to_run
         }
-    wall = d.clock() - t0
+    t1 = d.clock()
+    wall = t1 - t0
+    st.trace.stage("tool_wall", t0, t1)
     st.latency.tool_wall += wall
     server = max((o.latency_s for o in outcomes.values()), default=0.0)
     if server > 0:
