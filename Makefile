@@ -10,7 +10,7 @@ PROTOS := $(shell find proto -name '*.proto')
 ACCEL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test test-fast fuzz lint typecheck buf-lint buf-breaking bench clean prepare-model
+.PHONY: install proto run test test-fast fuzz lint typecheck buf-lint buf-breaking bench clean prepare-model soak
 
 install: $(STAMP) $(GEN)/.stamp
 

@@ -18,6 +18,7 @@ from services.orchestrator.loop.events import (
     ActionProposed,
     ActionResolved,
     MessagesCommitted,
+    Outcome,
     TurnCompleted,
     TurnEvent,
     TurnStarted,
@@ -172,8 +173,8 @@ class Agent:
 
         With ``request_id`` the turn is idempotent: a finished turn of that id replays its
         TurnStarted and TurnCompleted; one still running elsewhere is ABORTED with a retry
-        hint; one whose replica died runs again as the same turn (same index; its partial
-        messages are replaced)."""
+        hint; one whose replica died, or that ended FAILED (a downstream died), runs again as
+        the same turn (same index; its partial messages are replaced)."""
         _check_session_id(session_id)
         if request_id and not _CLIENT_SESSION_ID.fullmatch(request_id):
             raise InvalidArgument(
@@ -322,8 +323,14 @@ class Agent:
                             new=event.action,
                             token=token,
                         )
-                    elif isinstance(event, TurnCompleted) and request_id:
+                    elif (
+                        isinstance(event, TurnCompleted)
+                        and request_id
+                        and event.outcome is not Outcome.FAILED
+                    ):
                         # Recorded before the caller sees it: a retry from here on replays.
+                        # A FAILED turn (a downstream died) stays open: its retry runs it
+                        # again in place, its partial messages replaced.
                         begun = turn_started or TurnStarted(event.turn_id, counters.turn_count)
                         await self._store.put_turn(
                             TurnRecord(

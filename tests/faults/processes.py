@@ -1,10 +1,14 @@
-"""``python -m tests.faults.processes <tools|inference> [--hold]``: a real service process for
-the fault tests, configured from the environment like the real entry points, that starts in
-seconds (hashed embeddings for the knowledge base; a fake engine for inference).
+"""``python -m tests.faults.processes <tools|inference|scripted-inference> [--hold]``: a
+service process for the fault tests, configured from the environment like the real entry
+points, that starts in seconds: the real tools service (hashed embeddings for the knowledge
+base), the real inference service over a fake engine, or the scripted model of
+tests/orchestrator/grpc_fakes.py behind the shared server bootstrap (``scripted-inference``,
+port from ``AGENTMESH_INFERENCE_PORT``).
 
-With ``--hold`` every ExecuteTools call (tools) or generation after its first delta
-(inference) waits for a line on stdin, after printing ``HELD`` on stdout: a test knows a call
-is in flight in the process, then sends SIGTERM, then lets it go.
+With ``--hold`` every ExecuteTools call (tools), generation after its first delta
+(inference) or answer after its first word (scripted-inference) waits for a line on stdin,
+after printing ``HELD`` on stdout: a test knows a call is in flight in the process, then
+kills or stops it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 from typing import Any
 
 import grpc
+from agentmesh.inference.v1 import inference_pb2_grpc
 from agentmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 
 from services.inference.config import InferenceSettings
@@ -23,6 +28,7 @@ from services.tools.service import ToolServicer, ToolsService
 from shared.config import load_settings
 from shared.server import run_service
 from tests.inference.fakes import FakeEngineFactory
+from tests.orchestrator.grpc_fakes import FakeInferenceServicer, FakeService
 from tests.tools.fakes import HashEmbedder
 
 
@@ -88,6 +94,17 @@ def main(argv: list[str]) -> int:
         factory = FakeEngineFactory(hold_after_first=StdinGate() if hold else None)
         factory.kwargs["script"] = lambda ids, params: "one two three four five six seven"
         return run_service(InferenceService(inference, engine_factory=factory), inference)
+    if role == "scripted-inference":
+        inference = load_settings(InferenceSettings, "inference")
+        servicer = FakeInferenceServicer()
+        servicer.compose_gate = StdinGate() if hold else None  # type: ignore[assignment]
+        fake = FakeService(
+            "inference",
+            ["agentmesh.inference.v1.InferenceService"],
+            servicer,
+            inference_pb2_grpc.add_InferenceServiceServicer_to_server,
+        )
+        return run_service(fake, inference)
     raise SystemExit(f"unknown role {role!r}")
 
 

@@ -48,6 +48,7 @@ class Tally:
     turns: int = 0
     durations: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[str] = field(default_factory=Counter)
     hinted_retries: int = 0
 
 
@@ -81,8 +82,10 @@ async def _worker(index: int, address: str, until: float, tally: Tally) -> None:
                     request = pb.RunTurnRequest(
                         session_id=sid, user_message=text, request_id=request_id
                     )
-                    async for _ in stub.RunTurn(request, timeout=600):
-                        pass
+                    async for event in stub.RunTurn(request, timeout=600):
+                        if event.HasField("turn_completed"):
+                            outcome = pb.TurnOutcome.Name(event.turn_completed.outcome)
+                            tally.outcomes[outcome.removeprefix("TURN_OUTCOME_")] += 1
                 except grpc.aio.AioRpcError as err:
                     hint = _retry_after_s(err)
                     if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and hint is not None:
@@ -176,6 +179,7 @@ async def soak(sessions: int, duration_s: float) -> int:
         p50 = statistics.median(durations) if durations else 0.0
         p95 = durations[int(0.95 * (len(durations) - 1))] if durations else 0.0
         print(f"turns completed: {tally.turns}")
+        print(f"turn outcomes: {dict(tally.outcomes)}")
         print(f"errors by status: {dict(tally.errors) or 'none'}")
         print(f"turn time: p50 {p50:.1f} s, p95 {p95:.1f} s")
         for name in pids:

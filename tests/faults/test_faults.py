@@ -269,6 +269,85 @@ async def _ready(channel: grpc.aio.Channel, timeout_s: float = 30) -> None:
     await asyncio.wait_for(wait(), timeout_s)
 
 
+# ---------------------------------------------------------------- kill -9 inference mid-answer
+
+
+async def test_kill_9_inference_mid_answer_fails_the_turn_and_its_retry_completes(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    port = free_port()
+    env = {"AGENTMESH_INFERENCE_PORT": str(port), "AGENTMESH_INFERENCE_METRICS_PORT": "0"}
+    role = ["-m", "tests.faults.processes", "scripted-inference"]
+    inference = await spawn([*role, "--hold"], env, port)
+    tools_server, tools = await start_fake("tools")
+    mesh = FakeMesh(
+        None,  # type: ignore[arg-type]
+        tools,
+        _Address(inference.address),  # type: ignore[arg-type]
+        tools_server,
+        f"sqlite+aiosqlite:///{tmp_path / 'sessions.sqlite'}",
+    )
+    try:
+        await until_health(inference.address, serving=True)
+        server, service = await mesh.orchestrator()
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = agent_stub(channel)
+            sid = await create(stub)
+            request = pb.RunTurnRequest(
+                session_id=sid, user_message="Why was I charged twice?", request_id="t-1"
+            )
+            events: list[pb.RunTurnResponse] = []
+
+            async def first_attempt() -> None:
+                async for event in stub.RunTurn(request, timeout=60):
+                    events.append(event)
+
+            attempt = asyncio.ensure_future(first_attempt())
+            await inference.line("HELD")  # the answer is streaming, held after one word
+            inference.process.kill()
+            assert await inference.wait() == -signal.SIGKILL
+            await attempt
+            ledger.status(grpc.StatusCode.OK)
+            ledger.turn(finished=True)
+            done = _completed(events)
+            assert done.outcome == pb.TURN_OUTCOME_FAILED  # never COMPLETED with a partial
+            assert done.notes
+            kept = (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).session
+
+            inference = await spawn(role, env, port)  # restarted
+            await until_health(inference.address, serving=True)
+            await _ready(service._channels[0])
+            retried = await _turn_request(stub, request, ledger)
+            again = _completed(retried)
+            assert again.outcome == pb.TURN_OUTCOME_COMPLETED
+            assert retried[0].turn_started.turn_index == 1  # the same turn, run again
+            session = (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).session
+            assert session.turn_count == 1
+            users = [m for m in session.messages if m.role == common_pb2.ROLE_USER]
+            assert [m.content for m in users] == ["Why was I charged twice?"]
+            # The failed attempt was stored as it ran (and said what it could not do); its
+            # retry replaced it: one question, one answer, no partial answer left behind.
+            assert kept.turn_count == 1
+            assert [m.content for m in kept.messages if m.role == common_pb2.ROLE_USER] == [
+                "Why was I charged twice?"
+            ]
+            assert any("What I could not do" in m.content for m in kept.messages)
+            assert all("What I could not do" not in m.content for m in session.messages)
+            assert session.messages[-1].content == again.answer
+    finally:
+        await mesh.close()
+        await inference.kill()
+
+
+async def _turn_request(
+    stub: object, request: pb.RunTurnRequest, ledger: Ledger
+) -> list[pb.RunTurnResponse]:
+    events = [e async for e in stub.RunTurn(request, timeout=60)]  # type: ignore[attr-defined]
+    ledger.status(grpc.StatusCode.OK)
+    ledger.turn(finished=any(e.HasField("turn_completed") for e in events))
+    return events
+
+
 # ---------------------------------------------------------------- the session database cut off
 
 
