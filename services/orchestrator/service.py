@@ -111,6 +111,7 @@ class OrchestratorService:
             settings.caps,
             ceilings=settings.ceilings,
             lease_margin_s=settings.lease_margin_s,
+            lease_ttl_s=settings.lease_ttl_s,
         )
         access = SessionAccess(settings.caps, settings.ceilings.caps)
         self._servicer = AgentServicer(self.agent, self.metrics, access)

@@ -28,7 +28,7 @@ from services.orchestrator.sessions.redis_store import RedisSessionStore
 from services.orchestrator.sessions.sql import SqlSessionStore
 from shared.errors import Unavailable
 from tests.faults.conftest import Ledger
-from tests.faults.mesh import FakeMesh, agent_stub, create, start_mesh
+from tests.faults.mesh import FakeMesh, agent_stub, create, retry_delay_ms, start_mesh
 from tests.faults.procs import Proc, free_port, spawn, tools_env, until_health
 from tests.faults.proxy import TcpProxy
 from tests.orchestrator.grpc_fakes import PRINCIPAL_HEADER, start_fake
@@ -267,6 +267,92 @@ async def _ready(channel: grpc.aio.Channel, timeout_s: float = 30) -> None:
             state = channel.get_state(try_to_connect=True)
 
     await asyncio.wait_for(wait(), timeout_s)
+
+
+# ---------------------------------------------------------------- kill -9 the orchestrator
+
+
+async def test_kill_9_orchestrator_mid_turn_and_the_retry_completes_on_another_replica(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """A confirming turn (the refund executes, then the answer streams) loses its replica to
+    SIGKILL; the client retries the same request id on a second replica sharing the store
+    (ABORTED with a retry hint, honoured, for as long as the dead replica's one-second lease
+    lives) and it completes there: the refund went out under one idempotency key, no message
+    is lost or doubled."""
+    inference_server, inference = await start_fake("inference")
+    tools_server, tools = await start_fake("tools")
+    store = f"sqlite+aiosqlite:///{tmp_path / 'sessions.sqlite'}"
+    port = free_port()
+    env = {
+        "AGENTMESH_ORCHESTRATOR_PORT": str(port),
+        "AGENTMESH_ORCHESTRATOR_METRICS_PORT": "0",
+        "AGENTMESH_ORCHESTRATOR_INFERENCE__TARGET": inference_server.address,
+        "AGENTMESH_ORCHESTRATOR_TOOLS__TARGET": tools_server.address,
+        "AGENTMESH_ORCHESTRATOR_SESSION_STORE_URL": store,
+        "AGENTMESH_ORCHESTRATOR_CAPS__TURN_BUDGET_S": "30",
+        "AGENTMESH_ORCHESTRATOR_LEASE_TTL_S": "1",
+    }
+    doomed = await spawn(["-m", "services.orchestrator"], env, port)
+    mesh = FakeMesh(inference, tools, inference_server, tools_server, store)
+    try:
+        await until_health(doomed.address, serving=True)
+        async with grpc.aio.insecure_channel(doomed.address) as channel:
+            stub = agent_stub(channel)
+            sid = await create(stub)
+            inference.plan_tools = ["billing_lookup", "billing_refund"]
+            events = await _turn(stub, sid, "Please refund the duplicate charge.", ledger)
+            [proposed] = [e.action_proposed for e in events if e.HasField("action_proposed")]
+            action_id = proposed.action.action_id
+            inference.compose_gate = asyncio.Event()
+            confirm = pb.RunTurnRequest(
+                session_id=sid, confirm_action_id=action_id, request_id="confirm-1"
+            )
+            attempt = asyncio.ensure_future(_collect(stub, confirm))
+            await inference.compose_started.wait()  # the refund ran; the answer is streaming
+            doomed.process.kill()
+            assert await doomed.wait() == -signal.SIGKILL
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await attempt
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+            ledger.status(cut.value.code())
+        inference.compose_gate = None
+
+        replica, _ = await mesh.orchestrator(lease_ttl_s=1.0)
+        async with grpc.aio.insecure_channel(replica.address) as channel:
+            stub = agent_stub(channel)
+            aborted = 0
+            for _ in range(20):  # the dead replica's lease lapses within its ttl
+                try:
+                    retried = await _collect(stub, confirm)
+                    break
+                except grpc.aio.AioRpcError as err:
+                    ledger.status(err.code())
+                    assert err.code() == grpc.StatusCode.ABORTED
+                    aborted += 1
+                    await asyncio.sleep(retry_delay_ms(err) / 1000)
+            ledger.turn(finished=any(e.HasField("turn_completed") for e in retried))
+            ledger.status(grpc.StatusCode.OK)
+            assert _completed(retried).outcome == pb.TURN_OUTCOME_COMPLETED
+            keys = [e.invocation.idempotency_key for e in tools.of_tool("billing_refund")]
+            assert set(keys) == {f"am-action-{action_id}"}  # one refund, whatever re-sent it
+            ledger.writes(sorted(set(keys)))
+            session = (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).session
+            assert session.turn_count == 2
+            users = [m.content for m in session.messages if m.role == common_pb2.ROLE_USER]
+            assert users == [
+                "Please refund the duplicate charge.",
+                f"Confirmed: {proposed.action.summary}",
+            ]
+            [action] = [a for a in session.actions if a.action_id == action_id]
+            assert action.state == pb.ACTION_STATE_EXECUTED
+    finally:
+        await doomed.kill()
+        await mesh.close()
+
+
+async def _collect(stub: object, request: pb.RunTurnRequest) -> list[pb.RunTurnResponse]:
+    return [e async for e in stub.RunTurn(request, timeout=60)]  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- kill -9 inference mid-answer
