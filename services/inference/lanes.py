@@ -48,6 +48,8 @@ class SequenceBudget:
     _finished: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     # Smoothed seconds a sequence holds its place (the hint before any drain was measured).
     _avg_hold_s: float = 1.0
+    # Recent refusals (time, sequences): callers that will come back, ahead of a new one.
+    _refused: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
 
     def drain_rate(self, now: float | None = None) -> float:
         """Sequences finished per second lately (0 when not measured yet)."""
@@ -57,9 +59,18 @@ class SequenceBudget:
         span = now - self._finished[0]
         return (len(self._finished) - 1) / span if span > 0 else 0.0
 
+    def waiting(self, now: float, window_s: float = 2.0) -> int:
+        """Sequences refused in the last ``window_s``: their callers retry before a new one."""
+        while self._refused and self._refused[0][0] < now - window_s:
+            self._refused.popleft()
+        return sum(n for _, n in self._refused)
+
     def retry_after_s(self, need: int) -> float:
-        short = max(1, self.in_use + need - self.capacity)
-        rate = self.drain_rate()
+        """Seconds until the engine has likely drained enough for ``need`` more sequences,
+        counting the callers refused just before (so retries spread out, not stampede)."""
+        now = time.monotonic()
+        short = max(1, self.in_use + need - self.capacity) + self.waiting(now)
+        rate = self.drain_rate(now)
         if rate <= 0 and self.in_use:
             # Little's law: in_use sequences each held for about _avg_hold_s.
             rate = self.in_use / max(self._avg_hold_s, 0.01)
@@ -70,9 +81,11 @@ class SequenceBudget:
     async def reserve(self, sequences: int, lane: str) -> AsyncIterator[None]:
         need = max(1, min(sequences, self.capacity))
         if self.in_use + need > self.capacity:
+            hint = self.retry_after_s(need)
+            self._refused.append((time.monotonic(), need))
             raise ResourceExhausted(
                 f"engine {self.engine_id} is at its sequence budget ({self.capacity})",
-                retry_after_s=self.retry_after_s(need),
+                retry_after_s=hint,
                 reason="ENGINE_AT_CAPACITY",
                 metadata={"lane": lane, "engine": self.engine_id, "sequences": str(need)},
             )

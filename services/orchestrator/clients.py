@@ -8,7 +8,7 @@ engine request and the tools service cancels pending tool calls.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -212,7 +212,7 @@ def domain_error(error: grpc.aio.AioRpcError, what: str) -> AgentmeshError:
 
 # A lane at its concurrency cap answers RESOURCE_EXHAUSTED with a retry hint: wait that long
 # and try again while the turn's deadline leaves room for a useful attempt.
-CAPACITY_ATTEMPTS = 3
+CAPACITY_ATTEMPTS = 10
 MIN_USEFUL_ATTEMPT_S = 0.5
 
 
@@ -236,6 +236,18 @@ async def _unary(start: Callable[[float], Any], timeout_s: float, what: str) -> 
                 raise domain_error(error, what) from None
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+async def _chain(first: Any, call: Any) -> AsyncIterator[Any]:
+    """The stream's first message (already read) and the rest."""
+    yield first
+    while (message := await call.read()) is not grpc.aio.EOF:
+        yield message
+
+
+async def _empty() -> AsyncIterator[Any]:
+    return
+    yield
 
 
 # ---------------------------------------------------------------------- ports
@@ -331,9 +343,28 @@ class GrpcInference:
             tool_choice=inference_pb2.ToolChoice(mode=mode) if mode else None,
             max_calls=max_calls if mode else 0,
         )
+        deadline = Deadline.after(timeout_s)
+        attempt = 1
         call = self._stub.StreamGenerate(request, timeout=timeout_s)
         try:
-            async for response in call:
+            while True:
+                try:
+                    first = await call.read()
+                    break
+                except grpc.aio.AioRpcError as error:
+                    # Refused before the first token (the engine's budget is full): like the
+                    # unary calls, wait the hint and retry while the deadline has room.
+                    delay = retry_after(error)
+                    room = deadline.time_remaining() - MIN_USEFUL_ATTEMPT_S
+                    if delay is None or attempt == CAPACITY_ATTEMPTS or delay > room:
+                        raise
+                    attempt += 1
+                    await asyncio.sleep(delay)
+                    call = self._stub.StreamGenerate(
+                        request, timeout=max(deadline.time_remaining(), 0.001)
+                    )
+            responses = _chain(first, call) if first is not grpc.aio.EOF else _empty()
+            async for response in responses:
                 if response.HasField("summary"):
                     yield ComposeDone(_generation_stats(response.summary))
                 elif response.HasField("tool_calls"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -134,3 +135,13 @@ def test_the_retry_hint_follows_the_measured_drain_rate() -> None:
     fast._finished.extend([100.0 + i * 0.2 / 7 for i in range(8)])
     # Ten times the drain rate: a tenth of the wait, for the same shortfall.
     assert fast.drain_rate(now=100.2) == pytest.approx(35.0)
+
+
+def test_callers_refused_just_before_push_a_new_callers_hint_back() -> None:
+    budget = SequenceBudget("engine-0", capacity=2, in_use=2)
+    now = time.monotonic()
+    budget._finished.extend([now - 1.0 + i / 10 for i in range(11)])  # ~10 per second
+    alone = budget.retry_after_s(1)
+    budget._refused.extend([(now, 1)] * 5)  # five refused callers will come back first
+    behind = budget.retry_after_s(1)
+    assert behind == pytest.approx(6 * alone, rel=0.1)
