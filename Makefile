@@ -10,7 +10,7 @@ PROTOS := $(shell find proto -name '*.proto')
 ACCEL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test test-fast fuzz lint typecheck buf-lint buf-breaking bench clean prepare-model soak
+.PHONY: install promtool proto run test test-fast fuzz lint typecheck buf-lint buf-breaking bench clean prepare-model soak
 
 install: $(STAMP) $(GEN)/.stamp
 
@@ -43,7 +43,16 @@ prepare-model: install
 run: install
 	$(BIN)/agentmesh up
 
-test: install buf-lint buf-breaking
+# promtool (Debian package `prometheus`) for the alert-rule tests: installed when missing and
+# this user may (root, as in CI); otherwise say how, and the tests that need it fail.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing promtool (apt-get install prometheus)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
+	  else echo "promtool missing: sudo apt-get install prometheus"; fi; }
+
+test: install promtool buf-lint buf-breaking
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; exit 1; }; exit $$rc
 
