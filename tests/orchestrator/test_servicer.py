@@ -23,7 +23,11 @@ from services.orchestrator.config import OrchestratorSettings
 from services.orchestrator.loop.context import CUT_MARKER
 from services.orchestrator.loop.policy import Caps
 from services.orchestrator.service import OrchestratorService
+from services.orchestrator.sessions.factory import store_from_url
+from services.orchestrator.sessions.redis_store import RedisSessionStore
+from services.orchestrator.sessions.sql import SqlSessionStore
 from shared.server import GrpcServer
+from tests.orchestrator.conftest import POSTGRES_URL, REDIS_URL, unique_prefix
 from tests.orchestrator.grpc_fakes import (
     READS,
     FakeInferenceServicer,
@@ -39,6 +43,7 @@ class Mesh:
     inference_address: str
     tools_address: str
     store_url: str
+    store_prefix: str
     servers: list[GrpcServer]
 
     def settings(self, **overrides: Any) -> OrchestratorSettings:
@@ -49,6 +54,7 @@ class Mesh:
             "inference": {"target": self.inference_address},
             "tools": {"target": self.tools_address},
             "session_store_url": self.store_url,
+            "session_store_prefix": self.store_prefix,
             "caps": Caps(turn_budget_s=20, task_budget_s=200),
             "dependency_wait_s": 10,
         }
@@ -65,16 +71,48 @@ class Mesh:
         return server
 
 
-@pytest.fixture
-async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+STORE_KINDS = [
+    "sqlite",
+    pytest.param("postgres", marks=pytest.mark.postgres),
+    pytest.param("redis", marks=pytest.mark.redis),
+]
+# Store-independent tests that start subprocesses stay on SQLite (wall time).
+SQLITE_ONLY = pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)
+
+
+def _store_url(kind: str, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'sessions.sqlite'}"
+    return POSTGRES_URL if kind == "postgres" else REDIS_URL
+
+
+async def _drop_store(url: str, prefix: str) -> None:
+    """Removes what the orchestrators wrote under ``prefix`` on a shared server."""
+    if url.startswith("sqlite"):
+        return
+    store = store_from_url(url, prefix=prefix)
+    await store.open()
+    try:
+        if isinstance(store, SqlSessionStore):
+            await store.drop_tables()
+        elif isinstance(store, RedisSessionStore):
+            await store.drop_keys()
+    finally:
+        await store.close()
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Mesh]:
     inference_server, inference = await start_fake("inference")
     tools_server, tools = await start_fake("tools")
+    url = _store_url(request.param, tmp_path)
     m = Mesh(
         inference,
         tools,
         inference_server.address,
         tools_server.address,
-        f"sqlite+aiosqlite:///{tmp_path / 'sessions.sqlite'}",
+        url,
+        unique_prefix(),
         [],
     )
     try:
@@ -82,6 +120,7 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     finally:
         for server in [*m.servers, inference_server, tools_server]:
             await server.stop(grace=0.5)
+        await _drop_store(url, m.store_prefix)
 
 
 @pytest.fixture
@@ -507,6 +546,7 @@ async def chat_cli(address: str, *args: str, stdin: bytes | None = None) -> str:
     return out.decode()
 
 
+@SQLITE_ONLY
 async def test_chat_cli_streams_answers_tool_calls_and_the_latency_table(mesh: Mesh) -> None:
     server = await mesh.orchestrator()
     text = await chat_cli(server.address, "-m", "Why was I charged twice?", "-m", "Thanks!")
@@ -519,6 +559,7 @@ async def test_chat_cli_streams_answers_tool_calls_and_the_latency_table(mesh: M
 PROPOSAL = "Refund 19.00 USD on INV-00012: charged twice"
 
 
+@SQLITE_ONLY
 @pytest.mark.parametrize("flag", ["--yes", "--no", None])
 async def test_chat_cli_asks_before_a_proposed_write_and_sends_the_answer(
     mesh: Mesh, flag: str | None
@@ -547,6 +588,7 @@ async def test_chat_cli_asks_before_a_proposed_write_and_sends_the_answer(
     assert text.count("Turn latency") == 2  # the proposing turn and the answering one
 
 
+@SQLITE_ONLY
 async def test_chat_cli_interactive_prompt_confirms_with_y(mesh: Mesh) -> None:
     mesh.inference.plan_tools = ["billing_lookup", "billing_refund"]
     server = await mesh.orchestrator()
