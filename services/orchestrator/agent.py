@@ -26,7 +26,7 @@ from services.orchestrator.loop.events import (
 from services.orchestrator.loop.policy import Caps, Ceilings
 from services.orchestrator.loop.ports import ToolsPort
 from services.orchestrator.loop.runner import TurnInput, TurnRunner
-from services.orchestrator.loop.types import Action, ActionState, ToolDef
+from services.orchestrator.loop.types import Action, ActionState, Message, Role, ToolDef
 from services.orchestrator.sessions.base import (
     SessionRecord,
     SessionState,
@@ -56,6 +56,7 @@ class Agent:
         ceilings: Ceilings | None = None,
         lease_margin_s: float = 30.0,
         lease_ttl_s: float = 10.0,
+        history_window_messages: int = 200,
         registry_timeout_s: float = 10.0,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
@@ -69,6 +70,9 @@ class Agent:
         # The turn lease lives this long past its last heartbeat (one every third of it): a
         # dead replica's session frees up within seconds, not the turn budget.
         self._lease_ttl_s = lease_ttl_s
+        # A turn loads at most this many of the newest messages (the prompt budgeter trims
+        # further, in tokens); GetSession still reads the whole conversation.
+        self._history_window = history_window_messages
         self._registry_timeout_s = registry_timeout_s
         self._new_id = new_id
         self._registry: tuple[ToolDef, ...] | None = None
@@ -130,10 +134,13 @@ class Agent:
         await self._store.create(record)
         return record
 
-    async def get_session(self, session_id: str) -> SessionRecord:
-        """The session; pending actions past their expiry are marked EXPIRED on the way."""
+    async def get_session(
+        self, session_id: str, *, last_messages: int | None = None
+    ) -> SessionRecord:
+        """The session (with ``last_messages``, only that many of its newest messages);
+        pending actions past their expiry are marked EXPIRED on the way."""
         _check_session_id(session_id)
-        record = await self._store.get(session_id)
+        record = await self._store.get(session_id, last_messages=last_messages)
         if record is None:
             raise NotFound("no such session", metadata={"session_id": session_id})
         now = time.time()
@@ -201,7 +208,7 @@ class Agent:
             raise InvalidArgument(
                 "user_message", f"longer than {MAX_USER_MESSAGE_CHARS} characters"
             )
-        record = await self.get_session(session_id)
+        record = await self.get_session(session_id, last_messages=0)  # the checks need no history
         prior = await self._store.get_turn(session_id, request_id) if request_id else None
         if prior is not None and prior.finished:
             for replayed in decode_final(prior.final_json):
@@ -246,7 +253,8 @@ class Agent:
                     session_id,
                     dropped,
                 )
-            record = await self.get_session(session_id)  # fresh: another replica may have run
+            # Fresh (another replica may have run), and only the window the turn needs.
+            record = await self.get_session(session_id, last_messages=self._history_window)
             _check_active(record)
             try:
                 registry = await self.registry()
@@ -282,7 +290,7 @@ class Agent:
             inp = TurnInput(
                 session_id=session_id,
                 turn_index=counters.turn_count,
-                history=tuple(record.messages),
+                history=_from_turn_start(record.messages),
                 user_message=user_message,
                 registry=registry,
                 caps=record.caps,
@@ -484,3 +492,13 @@ def _check_active(record: SessionRecord) -> None:
             reason="SESSION_ENDED",
             metadata={"session_id": record.session_id},
         )
+
+
+def _from_turn_start(messages: list[Message]) -> tuple[Message, ...]:
+    """The window without the tail of a turn cut at its start (tool results whose call fell
+    outside it): it begins at its first user message (empty if it holds none: a part of one
+    turn is no history to show)."""
+    for i, message in enumerate(messages):
+        if message.role is Role.USER:
+            return tuple(messages[i:])
+    return ()

@@ -69,6 +69,9 @@ class OrchestratorSettings(ServiceSettings):
     # A turn's lease in the store lives this long past its holder's last heartbeat (one every
     # third of it): a dead replica's session is free again within seconds.
     lease_ttl_s: float = Field(default=10.0, gt=0)
+    # A turn loads at most this many of the session's newest messages from the store (the
+    # prompt budgeter trims further, in tokens); GetSession returns the whole conversation.
+    history_window_messages: int = Field(default=200, ge=1)
     # Warm-up waits this long for the inference and tools services to report SERVING.
     dependency_wait_s: float = Field(default=600.0, gt=0)
     # Opt-in: every finished turn appended here as a redacted JSON-lines turn record (what

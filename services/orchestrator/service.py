@@ -112,6 +112,7 @@ class OrchestratorService:
             ceilings=settings.ceilings,
             lease_margin_s=settings.lease_margin_s,
             lease_ttl_s=settings.lease_ttl_s,
+            history_window_messages=settings.history_window_messages,
         )
         access = SessionAccess(settings.caps, settings.ceilings.caps)
         self._servicer = AgentServicer(self.agent, self.metrics, access)

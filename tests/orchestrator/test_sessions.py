@@ -6,7 +6,11 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
+import grpc
 import pytest
+from agentmesh.common.v1 import common_pb2
+from agentmesh.orchestrator.v1 import orchestrator_pb2 as pb
+from agentmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.orchestrator.loop.policy import Caps
 from services.orchestrator.loop.types import Action, ActionState, Message, Role, ToolCall
@@ -22,6 +26,8 @@ from services.orchestrator.sessions.redis_store import RedisSessionStore
 from services.orchestrator.sessions.sql import SqlSessionStore
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
 from tests.orchestrator.conftest import REDIS_URL, close_store, open_store
+from tests.orchestrator.grpc_fakes import FakeInferenceServicer, start_fake
+from tests.orchestrator.test_servicer import Mesh, create, turn
 
 
 def twin(store: SessionStore) -> SessionStore:
@@ -565,3 +571,92 @@ async def test_turn_records_round_trip_and_discard_drops_one_turns_messages(
     await store.append_messages("sess-1", 2, [Message(Role.USER, "two again")], token=token)
     got = await store.get("sess-1")
     assert got is not None and [m.content for m in got.messages] == ["one", "two again"]
+
+
+async def test_get_reads_a_bounded_window_of_the_newest_messages(store: SessionStore) -> None:
+    await store.create(record())
+    said = [Message(Role.USER if i % 2 == 0 else Role.ASSISTANT, f"m{i}") for i in range(12)]
+    for index in range(3):  # four messages a turn: the window spans turns
+        await store.append_messages("sess-1", index + 1, said[index * 4 : index * 4 + 4])
+    await store.update_counters("sess-1", turn_count=3, task_tool_calls=2, task_time_used_s=1.5)
+    whole = await store.get("sess-1")
+    assert whole is not None and whole.messages == said
+    window = await store.get("sess-1", last_messages=5)
+    assert window is not None
+    assert window.messages == said[-5:]  # the newest five, oldest first
+    assert dataclasses.replace(window, messages=said) == whole  # everything else is the same
+    wide = await store.get("sess-1", last_messages=50)
+    assert wide is not None and wide.messages == said
+    none = await store.get("sess-1", last_messages=0)
+    assert none is not None and none.messages == [] and none.turn_count == 3
+    one = await store.get("sess-1", last_messages=1)
+    assert one is not None and one.messages == said[-1:]
+    assert await store.get("nope", last_messages=5) is None
+
+
+async def test_the_window_follows_appends_and_discarded_turns(store: SessionStore) -> None:
+    await store.create(record())
+    await store.append_messages(
+        "sess-1", 1, [Message(Role.USER, "a"), Message(Role.ASSISTANT, "b")]
+    )
+    await store.append_messages(
+        "sess-1", 2, [Message(Role.USER, "c"), Message(Role.ASSISTANT, "d")]
+    )
+    token = await store.acquire_lease("sess-1", "owner", 30)
+    assert await store.discard_turn_messages("sess-1", 2, token=token) == 2
+    window = await store.get("sess-1", last_messages=3)
+    assert window is not None
+    assert [m.content for m in window.messages] == ["a", "b"]
+    await store.append_messages("sess-1", 2, [Message(Role.USER, "e")], token=token)
+    window = await store.get("sess-1", last_messages=2)
+    assert window is not None
+    assert [m.content for m in window.messages] == ["b", "e"]
+
+
+def _url_and_prefix(store: SessionStore) -> tuple[str, str]:
+    """What an orchestrator needs to open ``store``'s backend under its prefix."""
+    if isinstance(store, SqlSessionStore):
+        url = store.engine.url.render_as_string(hide_password=False)
+        return url, store.sessions.name.removesuffix("sessions")
+    assert isinstance(store, RedisSessionStore)
+    return REDIS_URL, store._prefix
+
+
+def _users_prompted(inference: FakeInferenceServicer) -> list[str]:
+    """The user messages of the last answer prompt the model was sent."""
+    prompt = inference.of_kind("answer")[-1].messages
+    return [m.content for m in prompt if m.role == common_pb2.ROLE_USER]
+
+
+async def test_a_turn_loads_only_its_window_and_get_session_returns_everything(
+    store: SessionStore,
+) -> None:
+    url, prefix = _url_and_prefix(store)
+    inference_server, inference = await start_fake("inference")
+    tools_server, tools = await start_fake("tools")
+    mesh = Mesh(inference, tools, inference_server.address, tools_server.address, url, prefix, [])
+    try:
+        first = await mesh.orchestrator()
+        async with grpc.aio.insecure_channel(first.address) as channel:
+            stub = orchestrator_pb2_grpc.AgentServiceStub(channel)
+            session = await create(stub)
+            sid = session.session_id
+            await turn(stub, sid, "turn one")
+            one = await stub.GetSession(pb.GetSessionRequest(session_id=sid))
+            per_turn = len(one.session.messages)
+            await turn(stub, sid, "turn two")
+            assert _users_prompted(inference) == ["turn one", "turn two"]  # the default window
+        # A replica whose window holds exactly one turn's messages.
+        windowed = await mesh.orchestrator(history_window_messages=per_turn)
+        async with grpc.aio.insecure_channel(windowed.address) as channel:
+            stub = orchestrator_pb2_grpc.AgentServiceStub(channel)
+            await turn(stub, sid, "turn three")
+            # Turn one fell outside the window; the prompt budgeter saw only turn two.
+            assert _users_prompted(inference) == ["turn two", "turn three"]
+            stored = await stub.GetSession(pb.GetSessionRequest(session_id=sid))
+            users = [m.content for m in stored.session.messages if m.role == common_pb2.ROLE_USER]
+            assert users == ["turn one", "turn two", "turn three"]
+            assert len(stored.session.messages) == 3 * per_turn
+    finally:
+        for server in [*mesh.servers, inference_server, tools_server]:
+            await server.stop(grace=0.5)

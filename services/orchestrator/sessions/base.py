@@ -85,8 +85,12 @@ class SessionStore(Protocol):
         """Store a new session; AlreadyExists if its id is taken (atomically)."""
         ...
 
-    async def get(self, session_id: str) -> SessionRecord | None:
-        """The session with its messages in order; None when unknown."""
+    async def get(
+        self, session_id: str, *, last_messages: int | None = None
+    ) -> SessionRecord | None:
+        """The session with its messages in order; None when unknown. With
+        ``last_messages`` only the newest that many messages are read (still oldest first):
+        a turn loads a bounded window, not the whole history."""
         ...
 
     async def append_messages(

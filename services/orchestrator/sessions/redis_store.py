@@ -136,10 +136,17 @@ class RedisSessionStore:
             )
 
     @_reachable
-    async def get(self, session_id: str) -> SessionRecord | None:
+    async def get(
+        self, session_id: str, *, last_messages: int | None = None
+    ) -> SessionRecord | None:
+        # LRANGE of the list's tail; a window of 0 reads nothing (-0 would be the whole list).
+        first = 0 if last_messages is None else -last_messages
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hgetall(self._key(session_id))
-            pipe.lrange(self._key(session_id, "messages"), 0, -1)
+            if last_messages is not None and last_messages <= 0:
+                pipe.lrange(self._key(session_id, "messages"), 1, 0)
+            else:
+                pipe.lrange(self._key(session_id, "messages"), first, -1)
             pipe.lrange(self._key(session_id, "action_ids"), 0, -1)
             pipe.hgetall(self._key(session_id, "actions"))
             data, raw_messages, action_ids, raw_actions = await pipe.execute()

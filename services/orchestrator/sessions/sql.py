@@ -157,7 +157,9 @@ class SqlSessionStore:
                 )
             )
 
-    async def get(self, session_id: str) -> SessionRecord | None:
+    async def get(
+        self, session_id: str, *, last_messages: int | None = None
+    ) -> SessionRecord | None:
         async with self._reading() as conn:
             row = (
                 await conn.execute(
@@ -166,13 +168,14 @@ class SqlSessionStore:
             ).first()
             if row is None:
                 return None
-            rows = (
-                await conn.execute(
-                    select(self.messages.c.data_json)
-                    .where(self.messages.c.session_id == session_id)
-                    .order_by(self.messages.c.seq)
-                )
-            ).all()
+            query = select(self.messages.c.data_json).where(
+                self.messages.c.session_id == session_id
+            )
+            if last_messages is None:
+                rows = list((await conn.execute(query.order_by(self.messages.c.seq))).all())
+            else:  # the newest window, read newest first and put back in order
+                newest = query.order_by(self.messages.c.seq.desc()).limit(max(last_messages, 0))
+                rows = list(reversed((await conn.execute(newest)).all()))
             actions = await self._actions_of(conn, session_id)
         return SessionRecord(
             session_id=row.session_id,
