@@ -657,6 +657,12 @@ async def test_a_turn_loads_only_its_window_and_get_session_returns_everything(
             users = [m.content for m in stored.session.messages if m.role == common_pb2.ROLE_USER]
             assert users == ["turn one", "turn two", "turn three"]
             assert len(stored.session.messages) == 3 * per_turn
+        # A window holding only the tail of a turn (its answer) shows no history at all.
+        tail_only = await mesh.orchestrator(history_window_messages=1)
+        async with grpc.aio.insecure_channel(tail_only.address) as channel:
+            stub = orchestrator_pb2_grpc.AgentServiceStub(channel)
+            await turn(stub, sid, "turn four")
+            assert _users_prompted(inference) == ["turn four"]
     finally:
         for server in [*mesh.servers, inference_server, tools_server]:
             await server.stop(grace=0.5)
