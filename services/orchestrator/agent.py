@@ -34,6 +34,7 @@ from services.orchestrator.sessions.base import (
     TurnRecord,
 )
 from services.orchestrator.sessions.turn_codec import decode_final, encode_final
+from services.orchestrator.turn_tools import RecordedTools, TurnScope
 from shared.deadlines import Deadline
 from shared.errors import Aborted, AgentmeshError, FailedPrecondition, InvalidArgument, NotFound
 
@@ -57,6 +58,7 @@ class Agent:
         lease_margin_s: float = 30.0,
         lease_ttl_s: float = 10.0,
         history_window_messages: int = 200,
+        turn_tools: RecordedTools | None = None,
         registry_timeout_s: float = 10.0,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
@@ -73,6 +75,8 @@ class Agent:
         # A turn loads at most this many of the newest messages (the prompt budgeter trims
         # further, in tokens); GetSession still reads the whole conversation.
         self._history_window = history_window_messages
+        # The runner's tools port, when it records finished calls per turn (resume reuses).
+        self._turn_tools = turn_tools
         self._registry_timeout_s = registry_timeout_s
         self._new_id = new_id
         self._registry: tuple[ToolDef, ...] | None = None
@@ -306,52 +310,65 @@ class Agent:
                 turn = self._runner.settled(inp, action)
             else:
                 turn = self._runner.run(inp)
-            async with aclosing(turn) as events:
-                async for event in events:
-                    if isinstance(event, TurnStarted):
-                        turn_started = event
-                    elif isinstance(event, MessagesCommitted):
-                        await self._store.append_messages(
-                            session_id, counters.turn_count, event.messages, token=token
-                        )
-                        if event.tool_calls_executed:
-                            counters.task_tool_calls += event.tool_calls_executed
-                            await self._save(session_id, counters, started)
-                    elif isinstance(event, ActionProposed):
-                        await self._store.add_action(event.action, token=token)
-                    elif (
-                        isinstance(event, ActionResolved)
-                        and action is not None
-                        and event.action.state is not action.state
-                    ):
-                        await self._store.transition_action(
-                            session_id,
-                            action.action_id,
-                            expected=[ActionState.EXECUTING],
-                            new=event.action,
-                            token=token,
-                        )
-                    elif (
-                        isinstance(event, TurnCompleted)
-                        and request_id
-                        and event.outcome is not Outcome.FAILED
-                    ):
-                        # Recorded before the caller sees it: a retry from here on replays.
-                        # A FAILED turn (a downstream died) stays open: its retry runs it
-                        # again in place, its partial messages replaced.
-                        begun = turn_started or TurnStarted(event.turn_id, counters.turn_count)
-                        await self._store.put_turn(
-                            TurnRecord(
+            scope = (
+                self._turn_tools.scope(
+                    TurnScope(
+                        session_id,
+                        request_id,
+                        token,
+                        await self._store.tool_results(session_id, request_id) if prior else {},
+                    )
+                )
+                if request_id and self._turn_tools is not None
+                else contextlib.nullcontext()
+            )
+            with scope:
+                async with aclosing(turn) as events:
+                    async for event in events:
+                        if isinstance(event, TurnStarted):
+                            turn_started = event
+                        elif isinstance(event, MessagesCommitted):
+                            await self._store.append_messages(
+                                session_id, counters.turn_count, event.messages, token=token
+                            )
+                            if event.tool_calls_executed:
+                                counters.task_tool_calls += event.tool_calls_executed
+                                await self._save(session_id, counters, started)
+                        elif isinstance(event, ActionProposed):
+                            await self._store.add_action(event.action, token=token)
+                        elif (
+                            isinstance(event, ActionResolved)
+                            and action is not None
+                            and event.action.state is not action.state
+                        ):
+                            await self._store.transition_action(
                                 session_id,
-                                request_id,
-                                counters.turn_count,
-                                event.turn_id,
-                                finished=True,
-                                final_json=encode_final(begun, event),
-                            ),
-                            token=token,
-                        )
-                    yield event
+                                action.action_id,
+                                expected=[ActionState.EXECUTING],
+                                new=event.action,
+                                token=token,
+                            )
+                        elif (
+                            isinstance(event, TurnCompleted)
+                            and request_id
+                            and event.outcome is not Outcome.FAILED
+                        ):
+                            # Recorded before the caller sees it: a retry from here on replays.
+                            # A FAILED turn (a downstream died) stays open: its retry runs it
+                            # again in place, its partial messages replaced.
+                            begun = turn_started or TurnStarted(event.turn_id, counters.turn_count)
+                            await self._store.put_turn(
+                                TurnRecord(
+                                    session_id,
+                                    request_id,
+                                    counters.turn_count,
+                                    event.turn_id,
+                                    finished=True,
+                                    final_json=encode_final(begun, event),
+                                ),
+                                token=token,
+                            )
+                        yield event
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -35,6 +35,7 @@ from services.orchestrator.sessions.factory import store_from_url
 from services.orchestrator.topology.directory import LaneDirectory
 from services.orchestrator.topology.routed import RoutedInference
 from services.orchestrator.tracing import OtelTurnTracer
+from services.orchestrator.turn_tools import RecordedTools
 from shared.channels import channel_from_settings
 from shared.config import ClientSettings
 from shared.guard import RequestChecks
@@ -103,7 +104,8 @@ class OrchestratorService:
         tracers: list[TurnTracer] = [OtelTurnTracer(self.telemetry)]
         if settings.record_turns_path is not None:
             tracers.append(TurnRecorder(settings.record_turns_path))
-        runner = TurnRunner(inference, tools, settings.profile, tracer=Tracers(tracers))
+        recorded = RecordedTools(tools, self.store)
+        runner = TurnRunner(inference, recorded, settings.profile, tracer=Tracers(tracers))
         self.agent = Agent(
             self.store,
             runner,
@@ -113,6 +115,7 @@ class OrchestratorService:
             lease_margin_s=settings.lease_margin_s,
             lease_ttl_s=settings.lease_ttl_s,
             history_window_messages=settings.history_window_messages,
+            turn_tools=recorded,
         )
         access = SessionAccess(settings.caps, settings.ceilings.caps)
         self._servicer = AgentServicer(self.agent, self.metrics, access)

@@ -614,3 +614,39 @@ async def test_turn_metrics_are_exported(mesh: Mesh) -> None:
     assert registry.get_sample_value("agentmesh_turn_seconds_count") == 1
     cached = {"lane": "workhorse", "kind": "cached"}
     assert registry.get_sample_value("agentmesh_turn_tokens_total", cached) == 250
+
+
+async def test_a_resumed_turn_reuses_its_finished_tool_calls(stub: Any, mesh: Mesh) -> None:
+    """The reads of a turn cut mid-answer were recorded as they finished: its retry under the
+    same request id runs again in place without calling them a second time."""
+    session = await create(stub)
+    request = pb.RunTurnRequest(
+        session_id=session.session_id, user_message="Why was I charged twice?", request_id="r-1"
+    )
+    mesh.inference.compose_gate = asyncio.Event()  # never set: only a cancel ends it
+    call = stub.RunTurn(request)
+    async for event in call:
+        if event.HasField("compose_delta"):
+            break
+    call.cancel()
+    await asyncio.wait_for(mesh.inference.compose_cancelled.wait(), 10)
+    mesh.inference.compose_gate = None
+    assert [i.name for i in mesh.tools.invocations] == READS  # ran once, in the cut attempt
+    for _ in range(50):
+        try:
+            events = [e async for e in stub.RunTurn(request)]
+            break
+        except grpc.aio.AioRpcError as err:  # the server may still be unwinding the old turn
+            assert err.code() == grpc.StatusCode.ABORTED
+            await asyncio.sleep(0.1)
+    done = _of(events, "turn_completed")
+    assert [d.outcome for d in done] == [pb.TURN_OUTCOME_COMPLETED]
+    assert _of(events, "turn_started")[0].turn_index == 1  # the same turn, not a new one
+    assert [(f.name, f.status) for f in _of(events, "tool_call_finished")] == [
+        (name, "OK") for name in READS
+    ]
+    assert [i.name for i in mesh.tools.invocations] == READS  # not executed again
+    stored = (await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session
+    users = [m.content for m in stored.messages if m.role == common_pb2.ROLE_USER]
+    assert users == ["Why was I charged twice?"]
+    assert stored.messages[-1].content == mesh.inference.answer

@@ -666,3 +666,33 @@ async def test_a_turn_loads_only_its_window_and_get_session_returns_everything(
     finally:
         for server in [*mesh.servers, inference_server, tools_server]:
             await server.stop(grace=0.5)
+
+
+async def test_finished_tool_calls_are_recorded_per_turn_and_fenced(store: SessionStore) -> None:
+    await store.create(record())
+    token = await store.acquire_lease("sess-1", "a", 30)
+    assert await store.tool_results("sess-1", "r-1") == {}
+    await store.record_tool_results("sess-1", "r-1", {"k1": '{"x":1}'}, token=token)
+    await store.record_tool_results(
+        "sess-1", "r-1", {"k2": '{"x":2}', "k1": '{"x":1}'}, token=token
+    )
+    await store.record_tool_results("sess-1", "r-2", {"k1": '{"y":1}'}, token=token)
+    assert await store.tool_results("sess-1", "r-1") == {"k1": '{"x":1}', "k2": '{"x":2}'}
+    assert await store.tool_results("sess-1", "r-2") == {"k1": '{"y":1}'}
+    other = await twin_reader(store)
+    try:  # durable: another replica reads them
+        assert await other.tool_results("sess-1", "r-1") == {"k1": '{"x":1}', "k2": '{"x":2}'}
+    finally:
+        await other.close()
+    await store.release_lease("sess-1", "a")
+    newer = await store.acquire_lease("sess-1", "b", 30)
+    assert newer > token
+    with pytest.raises(LeaseLost):
+        await store.record_tool_results("sess-1", "r-1", {"k3": "{}"}, token=token)
+    assert await store.tool_results("sess-1", "r-1") == {"k1": '{"x":1}', "k2": '{"x":2}'}
+
+
+async def twin_reader(store: SessionStore) -> SessionStore:
+    other = twin(store)
+    await other.open()
+    return other

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -166,6 +166,18 @@ class SessionStore(Protocol):
     async def put_turn(self, turn: TurnRecord, *, token: int) -> None:
         """Records (or replaces) the turn under its request id; LeaseLost if ``token`` is
         stale."""
+        ...
+
+    async def record_tool_results(
+        self, session_id: str, request_id: str, results: Mapping[str, str], *, token: int
+    ) -> None:
+        """Durably records finished tool calls of the turn run under ``request_id`` (call key
+        -> outcome JSON), so a resumed attempt does not run them again. LeaseLost if
+        ``token`` is stale."""
+        ...
+
+    async def tool_results(self, session_id: str, request_id: str) -> dict[str, str]:
+        """The finished tool calls recorded for the turn under ``request_id``."""
         ...
 
     async def discard_turn_messages(self, session_id: str, turn_index: int, *, token: int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -325,6 +325,22 @@ class RedisSessionStore:
         await self._fenced(
             turn.session_id, token, lambda pipe: pipe.hset(key, turn.request_id, encoded)
         )
+
+    @_reachable
+    async def record_tool_results(
+        self, session_id: str, request_id: str, results: Mapping[str, str], *, token: int
+    ) -> None:
+        if not results:
+            return
+        key = self._key(session_id, f"tool_results:{request_id}")
+        mapping = dict(results)
+        await self._fenced(session_id, token, lambda pipe: pipe.hset(key, mapping=mapping))
+
+    @_reachable
+    async def tool_results(self, session_id: str, request_id: str) -> dict[str, str]:
+        key = self._key(session_id, f"tool_results:{request_id}")
+        found = await self.client.hgetall(key)  # type: ignore[misc]
+        return {str(k): str(v) for k, v in found.items()}
 
     @_reachable
     async def discard_turn_messages(self, session_id: str, turn_index: int, *, token: int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, inspect, or_, select, text, update
@@ -54,6 +54,7 @@ class SqlSessionStore:
         self.messages = tables.messages
         self.actions = tables.actions
         self.turns = tables.turns
+        self.finished_calls = tables.tool_results
 
     @property
     def engine(self) -> AsyncEngine:
@@ -438,6 +439,48 @@ class SqlSessionStore:
                     updated_at=time.time(),
                 )
             )
+
+    async def record_tool_results(
+        self, session_id: str, request_id: str, results: Mapping[str, str], *, token: int
+    ) -> None:
+        if not results:
+            return
+        c = self.finished_calls.c
+        async with self._writing() as conn:
+            await self._fence(conn, session_id, token)
+            await conn.execute(
+                delete(self.finished_calls).where(
+                    and_(
+                        c.session_id == session_id,
+                        c.request_id == request_id,
+                        c.call_key.in_(list(results)),
+                    )
+                )
+            )
+            await conn.execute(
+                insert(self.finished_calls),
+                [
+                    {
+                        "session_id": session_id,
+                        "request_id": request_id,
+                        "call_key": key,
+                        "outcome_json": outcome,
+                    }
+                    for key, outcome in results.items()
+                ],
+            )
+
+    async def tool_results(self, session_id: str, request_id: str) -> dict[str, str]:
+        c = self.finished_calls.c
+        async with self._reading() as conn:
+            rows = (
+                await conn.execute(
+                    select(c.call_key, c.outcome_json).where(
+                        and_(c.session_id == session_id, c.request_id == request_id)
+                    )
+                )
+            ).all()
+        return {r.call_key: r.outcome_json for r in rows}
 
     async def discard_turn_messages(self, session_id: str, turn_index: int, *, token: int) -> int:
         c = self.messages.c

@@ -28,6 +28,7 @@ class SessionTables:
     messages: Table
     actions: Table
     turns: Table
+    tool_results: Table
 
 
 def session_tables(prefix: str) -> SessionTables:
@@ -95,8 +96,23 @@ def session_tables(prefix: str) -> SessionTables:
         Column("updated_at", Float, nullable=False),
         PrimaryKeyConstraint("session_id", "request_id"),
     )
+    # Tool calls a turn (under a request id) finished: a resumed attempt reuses them.
+    tool_results = Table(
+        f"{prefix}tool_results",
+        meta,
+        Column("session_id", String(64), nullable=False),
+        Column("request_id", String(64), nullable=False),
+        Column("call_key", String(64), nullable=False),
+        Column("outcome_json", Text, nullable=False),
+        PrimaryKeyConstraint("session_id", "request_id", "call_key"),
+    )
     return SessionTables(
-        meta=meta, sessions=sessions, messages=messages, actions=actions, turns=turns
+        meta=meta,
+        sessions=sessions,
+        messages=messages,
+        actions=actions,
+        turns=turns,
+        tool_results=tool_results,
     )
 
 
