@@ -83,6 +83,8 @@ class Side:
     tools1: list[float] = field(default_factory=list)
     tools3: list[float] = field(default_factory=list)
     tools_ok: str = ""
+    prefix_cold: list[float] = field(default_factory=list)  # TTFT, a plan-sized new prefix
+    prefix_warm: list[float] = field(default_factory=list)  # TTFT, the same prefix again
 
 
 def pct(values: list[float], q: float) -> float:
@@ -102,7 +104,7 @@ async def sweep_levels(
     """Warm up, then stream PROMPTS at each concurrency level; same loop for both sides."""
     await one("warm up")
     for level in args.levels:
-        n = max(level, args.min_requests)
+        n = max(level * getattr(args, "waves", 1), args.min_requests)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
         sem = asyncio.Semaphore(level)
 
@@ -177,6 +179,14 @@ async def bench_ours(args: argparse.Namespace) -> Side:
 
     try:
         await sweep_levels(one, args, side, "ours")
+        for rep in range(getattr(args, "prefix_reps", 0)):
+            # A plan-sized system prompt never seen before (cold), then the same one with
+            # another question (warm: the prefix cache serves everything before it).
+            head = f"[{rep}-{time.time_ns()}] {SYSTEM} " + PLAN_PREFIX
+            cold = await first_token(stub, pb, common_pb2, head, PROMPTS[0])
+            warm = await first_token(stub, pb, common_pb2, head, PROMPTS[1])
+            side.prefix_cold.append(cold)
+            side.prefix_warm.append(warm)
 
         specs = [
             common_pb2.ToolSpec(
@@ -218,6 +228,35 @@ async def bench_ours(args: argparse.Namespace) -> Side:
     return side
 
 
+# The plan stage's prompt carries the tool registry: a stand-in of the same size (~1,000
+# tokens) for the cold/warm prefix-cache measurement.
+PLAN_PREFIX = (
+    " ".join(
+        f"Tool {name}: {spec['description']} Parameters: {json.dumps(spec['parameters'])}."
+        for name, spec in TOOLS.items()
+    )
+    * 6
+)
+
+
+async def first_token(stub: Any, pb: Any, common_pb2: Any, system: str, user: str) -> float:
+    """Seconds to the first text delta of a 1-token generation."""
+    sent = time.monotonic()
+    req = pb.StreamGenerateRequest(
+        messages=[
+            common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=system),
+            common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=user),
+        ],
+        lane=pb.LaneSelector(lane="workhorse"),
+        sampling=pb.SamplingParams(max_tokens=2, temperature=0.0),
+    )
+    ttft = float("nan")
+    async for event in stub.StreamGenerate(req, timeout=600):
+        if event.WhichOneof("event") == "text_delta" and ttft != ttft:
+            ttft = time.monotonic() - sent
+    return ttft
+
+
 # ---- vllm serve ----------------------------------------------------------------------------
 
 
@@ -243,6 +282,7 @@ def engine_flags(engine_args: dict[str, Any]) -> list[str]:
 async def bench_vllm(args: argparse.Namespace) -> Side:
     import httpx
 
+    from bench.sections import resolved_engine_args
     from services.inference.config import InferenceSettings, apply_engine_environment
     from services.inference.model_prep import resolve_model
     from shared.config import load_settings
@@ -266,7 +306,7 @@ async def bench_vllm(args: argparse.Namespace) -> Side:
         str(port),
         "--served-model-name",
         "bench",
-        *engine_flags(lane.engine_args),
+        *engine_flags(resolved_engine_args(dict(lane.engine_args))),
         "--enable-auto-tool-choice",
         "--tool-call-parser",
         "hermes",
