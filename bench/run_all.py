@@ -54,6 +54,10 @@ def run_section(name: str, raw: Path, args: argparse.Namespace) -> dict[str, Any
     cmd = [sys.executable, "-m", "bench.sections", name, "--out", str(out)]
     if args.quick:
         cmd.append("--quick")
+    for flag in ("preset", "device", "model", "load_format"):
+        value = getattr(args, flag)
+        if value:
+            cmd += ["--" + flag.replace("_", "-"), str(value)]
     print(f"\n=== section {name} ({'quick' if args.quick else 'full'}) ===", flush=True)
     began = time.monotonic()
     rc = subprocess.call(cmd, cwd=REPO)
@@ -76,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         default=list(SECTIONS),
         help="comma-separated subset of " + ",".join(SECTIONS),
     )
+    parser.add_argument("--preset", help="lanes preset (default embedded)")
+    parser.add_argument("--device", choices=("cpu", "gpu"))
+    parser.add_argument("--model", help="a model folder replacing the workhorse lane's model")
+    parser.add_argument("--load-format", help="vLLM load_format, e.g. dummy")
     parser.add_argument(
         "--from-raw", action="store_true", help="only rebuild the report from <out>/raw"
     )
@@ -95,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "commit": commit(),
         "size": "quick" if args.quick else "full",
+        "preset": args.preset or "embedded",
         "date (UTC)": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "benchmark wall s": round(time.monotonic() - began),
     }

@@ -25,6 +25,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,51 @@ def size(args: argparse.Namespace, key: str) -> Any:
     return quick if args.quick else full
 
 
-def resolved_engine_args(engine_args: dict[str, Any]) -> dict[str, Any]:
+def resolved_engine_args(engine_args: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     """The lane's engine arguments with ``dtype: auto`` resolved as the service does."""
     from services.inference.dtype import choose_dtype, machine_facts
 
-    choice = choose_dtype(engine_args.get("dtype"), machine_facts("cpu"))
+    choice = choose_dtype(engine_args.get("dtype"), machine_facts(device))
     return {**engine_args, "dtype": choice.dtype}
+
+
+@dataclass
+class BenchLane:
+    """The workhorse lane every section measures, as the service would load it."""
+
+    settings: Any  # InferenceSettings
+    lanes: Any  # LanesConfig (workhorse possibly pointed at another model folder)
+    model_path: str
+    engine_args: dict[str, Any]  # dtype resolved
+    device: str  # "cpu" | "gpu"
+
+
+def workhorse(args: argparse.Namespace, **overrides: Any) -> BenchLane:
+    """``args.preset`` (default embedded), ``args.device`` (cpu), ``args.model`` (a folder
+    replacing the lane's model) and ``args.load_format`` (e.g. dummy) are optional."""
+    from services.inference.config import InferenceSettings, apply_engine_environment
+    from services.inference.model_prep import resolve_model
+    from shared.config import load_settings
+
+    device = getattr(args, "device", None) or "cpu"
+    settings = load_settings(
+        InferenceSettings,
+        "inference",
+        preset=getattr(args, "preset", None) or "embedded",
+        hosted_lanes=["workhorse"],
+        cpu_kvcache_gib=args.kvcache_gib,
+        **overrides,
+    )
+    lanes = settings.load_lanes()
+    lane = lanes.lanes["workhorse"]
+    if getattr(args, "model", None):
+        lane.model = str(args.model)
+    if getattr(args, "load_format", None):
+        lane.engine_args = {**lane.engine_args, "load_format": args.load_format}
+    apply_engine_environment(settings, device)
+    model_path = resolve_model(lane.model, settings.models_dir())
+    engine_args = resolved_engine_args(dict(lane.engine_args), "cuda" if device == "gpu" else "cpu")
+    return BenchLane(settings, lanes, model_path, engine_args, device)
 
 
 def progress(msg: str) -> None:
@@ -69,16 +109,12 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     from bench.inference_vs_vllm_serve import PROMPTS, SYSTEM
-    from services.inference.config import InferenceSettings, apply_engine_environment
-    from services.inference.model_prep import resolve_model
-    from shared.config import load_settings
 
-    settings = load_settings(InferenceSettings, "inference", cpu_kvcache_gib=args.kvcache_gib)
-    lane = settings.load_lanes().lanes["workhorse"]
-    apply_engine_environment(settings, "cpu")
-    engine_args = resolved_engine_args(dict(lane.engine_args))
+    bl = workhorse(args)
+    lane = bl.lanes.lanes["workhorse"]
+    engine_args = bl.engine_args
     t0 = time.monotonic()
-    llm = LLM(model=resolve_model(lane.model, settings.models_dir()), **engine_args)
+    llm = LLM(model=bl.model_path, **engine_args)
     progress(f"offline engine ready in {time.monotonic() - t0:.1f}s ({engine_args['dtype']})")
     template = lane.template_path().read_text()
     tokenizer = llm.get_tokenizer()
@@ -148,6 +184,10 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
         calltools_reps=size(args, "calltools_reps"),
         prefix_reps=size(args, "prefix_reps"),
         kvcache_gib=args.kvcache_gib,
+        preset=args.preset,
+        device=args.device,
+        model=args.model,
+        load_format=args.load_format,
         vllm_log=str(REPO / "var" / "bench-vllm-serve.log"),
     )
 
@@ -264,6 +304,10 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--quick", action="store_true", help="minimum size")
     parser.add_argument("--kvcache-gib", type=int, default=1)
+    parser.add_argument("--preset", default="embedded", help="lanes preset (e.g. rtx4090)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--model", help="a model folder replacing the workhorse lane's model")
+    parser.add_argument("--load-format", help="vLLM load_format, e.g. dummy (random weights)")
     args = parser.parse_args()
     began = time.monotonic()
     data = SECTIONS[args.section](args)
