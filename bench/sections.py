@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "offline_prefill_prompts": (8, 2),
     "decode_tokens": (64, 16),
     "turn_sessions": (2, 1),
-    "turn_turns": (3, 1),
+    "turn_turns": (2, 1),
     "capacity_levels": ([4, 10, 32], [2]),
 }
 
@@ -77,7 +77,7 @@ def workhorse(args: argparse.Namespace, **overrides: Any) -> BenchLane:
     from services.inference.model_prep import resolve_model
     from shared.config import load_settings
 
-    device = getattr(args, "device", None) or "cpu"
+    device: Literal["cpu", "gpu"] = "gpu" if getattr(args, "device", None) == "gpu" else "cpu"
     settings = load_settings(
         InferenceSettings,
         "inference",
