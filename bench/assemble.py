@@ -416,11 +416,21 @@ def budget_section(turns: Mapping[str, Any]) -> dict[str, Any]:
 
     rows = []
     keys = ("plan", "tool_emit", "tool_wall", "observe", "compose", "queue_prefill", "network")
+    projected_total = 0.0
     for key in (*keys, "total", "wall"):
         measured = pct(
             [t["wall"] if key == "wall" else t["stages"].get(key, NAN) for t in ref], 0.5
         )
-        proj = projected(key) if key in STAGE_ORDER else NAN
+        if key in STAGE_ORDER:
+            proj = projected(key)
+        elif key in ("tool_wall", "network"):
+            proj = measured  # not the model's time: as measured here
+        elif key == "total":
+            proj = projected_total
+        else:
+            proj = NAN
+        if key in (*STAGE_ORDER, "tool_wall", "network") and not math.isnan(proj):
+            projected_total += proj
         rows.append([LABELS[key], SEED_GPU[key], measured, proj])
     llm = [t.get("llm_stages", 0) for t in ref]
     sec["tables"].append(
