@@ -456,6 +456,8 @@ def assemble(data: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]
     """Report sections from whichever raw sections are present (a failed one is noted)."""
     out: dict[str, dict[str, Any]] = {}
     offline = data.get("offline") or {}
+    if "tps" not in offline:  # the floor section failed: nothing to compare with
+        offline = {}
     if "serve" in data and offline:
         out["serve"] = serve_section(offline, data["serve"])
         out["prefix"] = prefix_section(data["serve"])

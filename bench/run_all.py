@@ -60,10 +60,22 @@ def run_section(name: str, raw: Path, args: argparse.Namespace) -> dict[str, Any
             cmd += ["--" + flag.replace("_", "-"), str(value)]
     print(f"\n=== section {name} ({'quick' if args.quick else 'full'}) ===", flush=True)
     began = time.monotonic()
-    rc = subprocess.call(cmd, cwd=REPO)
-    if rc != 0 or not out.exists():
-        return {"error": f"exited {rc} after {time.monotonic() - began:.0f}s"}
-    data: dict[str, Any] = json.loads(out.read_text())
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    try:
+        rc = proc.wait(timeout=args.section_timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        print(f"section {name}: cut at {args.section_timeout_s:.0f}s", flush=True)
+    data: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    if rc != 0 or data.get("partial", not data):
+        data["error"] = f"exited {rc} after {time.monotonic() - began:.0f}s" + (
+            " (the figures shown are those measured before)" if data else ""
+        )
     return data
 
 
@@ -84,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "gpu"))
     parser.add_argument("--model", help="a model folder replacing the workhorse lane's model")
     parser.add_argument("--load-format", help="vLLM load_format, e.g. dummy")
+    parser.add_argument(
+        "--section-timeout-s", type=float, default=900.0, help="a section's wall-time cap"
+    )
     parser.add_argument(
         "--from-raw", action="store_true", help="only rebuild the report from <out>/raw"
     )

@@ -280,6 +280,7 @@ def turns(args: argparse.Namespace) -> dict[str, Any]:
                         sample = await tl.run_turn(stub, sid, msg, tl.TurnSample("parallel", s, t))
                         out["reference"].append(_turn_row(sample, _chat_spans(exporter)))
                         progress(f"turns: reference {sample.line()}")
+                        save(args, out, partial=True)
                 for level in size(args, "capacity_levels"):
                     samples, wall = await tl.concurrent_phase(m, level, 1)
                     out["capacity"].append(
@@ -290,12 +291,22 @@ def turns(args: argparse.Namespace) -> dict[str, Any]:
                         }
                     )
                     progress(f"turns: {level} sessions at once in {wall:.1f}s")
+                    save(args, out, partial=True)
         return out
 
     return asyncio.run(go())
 
 
 SECTIONS = {"offline": offline, "serve": serve, "turns": turns}
+
+
+def save(args: argparse.Namespace, data: dict[str, Any], *, partial: bool = False) -> None:
+    """The section's figures so far (a section cut short still leaves what it measured)."""
+    data = {**data, "size": "quick" if args.quick else "full", "partial": partial}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_default))
+    tmp.replace(args.out)
 
 
 def main() -> int:
@@ -312,9 +323,7 @@ def main() -> int:
     began = time.monotonic()
     data = SECTIONS[args.section](args)
     data["section_wall_s"] = time.monotonic() - began
-    data["size"] = "quick" if args.quick else "full"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1, default=_default))
+    save(args, data)
     progress(f"{args.section}: done in {data['section_wall_s']:.0f}s -> {args.out}")
     return 0
 

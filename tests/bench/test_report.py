@@ -169,3 +169,13 @@ def test_capacity_marks_resource_exhausted_and_turn_floor_sums_stages() -> None:
 def test_markdown_table_formats_missing_values() -> None:
     table = markdown_table(["a", "b"], [[float("nan"), None], [1234.5, 0.1234]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| - | - |", "| 1234 | 0.123 |"]
+
+
+def test_a_failed_floor_section_still_reports_the_rest(tmp_path: Path) -> None:
+    data = synthetic()
+    data["offline"] = {"error": "exited 1 after 3s"}
+    sections = assemble(data)
+    assert "serve" not in sections and "turn_floor" not in sections
+    assert {"overhead", "capacity", "budget", "offline_error"} <= set(sections)
+    write_report(sections, tmp_path)
+    assert "exited 1 after 3s" in (tmp_path / "report.md").read_text()
