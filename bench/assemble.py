@@ -337,7 +337,9 @@ def overhead_section(turns: Mapping[str, Any]) -> dict[str, Any]:
         sec["targets"].append(target("added ms p95 @ 10 sessions", at10[7], "<= 20", at10[7] <= 20))
     sec["notes"].append(
         "Measured from the turn's own latency breakdown (the orchestrator times every downstream "
-        "call against the server time it reports) rather than from a second, in-process loop."
+        "call against the server time it reports) rather than from a second, in-process loop. "
+        "Network includes any wait on a RESOURCE_EXHAUSTED retry hint inside the orchestrator's "
+        "inference client (a full lane: the call is retried, the turn never sees the refusal)."
     )
     return sec
 
@@ -390,7 +392,10 @@ def capacity_section(turns: Mapping[str, Any]) -> dict[str, Any]:
             f"admission first answered RESOURCE_EXHAUSTED at {first_reject} sessions"
         )
     else:
-        sec["notes"].append("admission never answered RESOURCE_EXHAUSTED at these levels")
+        sec["notes"].append(
+            "no turn ended in RESOURCE_EXHAUSTED at these levels (the orchestrator retries a full "
+            "lane on its hint: see the network column of the mesh overhead table)"
+        )
     sec["plots"].append(plot)
     return sec
 
