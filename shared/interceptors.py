@@ -74,7 +74,18 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(EXEMPT_PREFIXES):
             return handler
-        return wrap_handler(handler, method, self.around)
+        # Subclasses need not call a base __init__: the cache is made on first use.
+        # method -> (the handler it wrapped, its wrapper): built once per method, not per call
+        # (the inner handler is the same object call after call unless an interceptor below
+        # rebuilds its own; then the identity check misses and it is wrapped afresh).
+        cache: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]]
+        cache = self.__dict__.setdefault("_wrapped", {})
+        hit = cache.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = wrap_handler(handler, method, self.around)
+        cache[method] = (handler, wrapped)
+        return wrapped
 
 
 def _wrap_behaviour(
