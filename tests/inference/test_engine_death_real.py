@@ -29,14 +29,19 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _is_live_engine_core(child: psutil.Process) -> bool:
+    """A running engine core; a zombie (exited, not yet reaped) or vanished one is not."""
+    try:
+        if child.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline())
+    except psutil.Error:
+        return False
+
+
 def _engine_cores() -> set[int]:
     me = psutil.Process(os.getpid())
-    return {
-        child.pid
-        for child in me.children(recursive=True)
-        if "EngineCore" in " ".join(child.cmdline() or [child.name()])
-        or "EngineCore" in child.name()
-    }
+    return {child.pid for child in me.children(recursive=True) if _is_live_engine_core(child)}
 
 
 @pytest.mark.asyncio(loop_scope="session")

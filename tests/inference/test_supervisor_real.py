@@ -41,6 +41,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # a zombie or a process that just went
+        return ""
+
+
 def _is_engine_core(proc: psutil.Process) -> bool:
     try:
         return "EngineCore" in proc.name() or "EngineCore" in " ".join(proc.cmdline())
@@ -180,6 +187,6 @@ async def test_an_abandoned_start_leaves_no_engine_process() -> None:
     left = [
         p
         for p in me.children(recursive=True)
-        if p not in before and "resource_tracker" not in " ".join(p.cmdline())
+        if p not in before and "resource_tracker" not in _cmdline(p)
     ]
     assert _gone(left) == []
