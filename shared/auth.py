@@ -25,6 +25,7 @@ import grpc
 
 from shared.config import AuthSettings
 from shared.errors import PermissionDenied, Unauthenticated, to_rich_status
+from shared.handler_cache import HandlerCache
 
 log = logging.getLogger("agentmesh.auth")
 
@@ -231,6 +232,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
+        self._wrapped = HandlerCache()
 
     async def intercept_service(
         self,
@@ -245,7 +247,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or self._auth.exempt(method):
             return handler
-        return wrap_handler(handler, method, self.around)
+        return self._wrapped.get(
+            method, handler, lambda inner: wrap_handler(inner, method, self.around)
+        )
 
     @contextlib.asynccontextmanager
     async def around(

@@ -21,6 +21,7 @@ import grpc
 
 from shared.config import RequestLimits
 from shared.errors import AgentmeshError, InvalidArgument, to_rich_status
+from shared.handler_cache import HandlerCache
 
 log = logging.getLogger("agentmesh.guard")
 
@@ -126,6 +127,7 @@ class RequestGuardInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, limits: RequestLimits, checks: RequestChecks | None = None) -> None:
         self._limits = limits
         self._checks = dict(checks or {})
+        self._guarded = HandlerCache()
 
     async def intercept_service(
         self,
@@ -140,6 +142,11 @@ class RequestGuardInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.request_streaming:
             return handler  # none of our RPCs stream requests
+        return self._guarded.get(method, handler, lambda inner: self._guard(inner, method))
+
+    def _guard(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         deserializer = safe_deserializer(
             handler.request_deserializer, method, self._limits.request_bytes_limit(method)
         )

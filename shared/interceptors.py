@@ -24,6 +24,7 @@ from shared.auth import Authenticator, AuthInterceptor
 from shared.deadlines import Deadline, reset_current_deadline, set_current_deadline
 from shared.errors import AgentmeshError, to_rich_status
 from shared.guard import RequestGuardInterceptor
+from shared.handler_cache import HandlerCache
 from shared.logging import reset_request_id, set_request_id
 from shared.metrics import RpcMetrics
 
@@ -75,17 +76,8 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(EXEMPT_PREFIXES):
             return handler
         # Subclasses need not call a base __init__: the cache is made on first use.
-        # method -> (the handler it wrapped, its wrapper): built once per method, not per call
-        # (the inner handler is the same object call after call unless an interceptor below
-        # rebuilds its own; then the identity check misses and it is wrapped afresh).
-        cache: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]]
-        cache = self.__dict__.setdefault("_wrapped", {})
-        hit = cache.get(method)
-        if hit is not None and hit[0] is handler:
-            return hit[1]
-        wrapped = wrap_handler(handler, method, self.around)
-        cache[method] = (handler, wrapped)
-        return wrapped
+        cache: HandlerCache = self.__dict__.setdefault("_wrapped", HandlerCache())
+        return cache.get(method, handler, lambda inner: wrap_handler(inner, method, self.around))
 
 
 def _wrap_behaviour(
