@@ -28,7 +28,6 @@ from shared.telemetry import Telemetry
 log = logging.getLogger("agentmesh.tools")
 
 SERVICE_NAME = tools_pb2.DESCRIPTOR.services_by_name["ToolService"].full_name
-MAX_BATCH = 32
 
 _STATUS_PB = {
     CallStatus.OK: tools_pb2.TOOL_RESULT_STATUS_OK,
@@ -127,8 +126,6 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):  # type: ignore[misc]
         self, request: tools_pb2.ExecuteToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tools_pb2.ExecuteToolsResponse:
         principal = Principal.from_metadata(context.invocation_metadata())
-        if len(request.invocations) > MAX_BATCH:
-            raise InvalidArgument("invocations", f"at most {MAX_BATCH} calls per batch")
         results = await self._service.executor().execute_many(
             [invocation_from_pb(inv) for inv in request.invocations], principal
         )

@@ -371,6 +371,18 @@ async def test_default_ceiling_leaves_a_full_lookup_whole(stub: Any, dataset: De
     assert len(json.loads(reply.result.result_json)["invoices"]) == len(invoices)
 
 
+def _violations(error: grpc.aio.AioRpcError) -> list[str]:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    fields: list[str] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields.extend(v.field for v in bad.field_violations)
+    return fields
+
+
 async def test_too_large_batch_is_refused(stub: Any) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ExecuteTools(
@@ -380,3 +392,24 @@ async def test_too_large_batch_is_refused(stub: Any) -> None:
             timeout=10,
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(caught.value) == ["invocations"]
+
+
+async def test_batch_bound_is_the_configured_limit(tmp_path: Path) -> None:
+    """`limits.max_batch` is the one bound: a batch above the default 32 runs when allowed."""
+    backends = Backends(
+        crm=GatedCrm(asyncio.Barrier(1)),
+        kb=GatedKb(asyncio.Barrier(1)),
+        billing=GatedBilling(asyncio.Barrier(1)),
+    )
+    settings = tools_settings(tmp_path, limits={"max_batch": 40})
+    batch = [_inv("kb_search", {"query": "ab"}, str(i)) for i in range(41)]
+    async with serving_stub(ToolsService(settings, backends=backends)) as stub:
+        reply = await stub.ExecuteTools(
+            tools_pb2.ExecuteToolsRequest(invocations=batch[:40]), timeout=30
+        )
+        assert [r.status for r in reply.results] == [S.TOOL_RESULT_STATUS_OK] * 40
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ExecuteTools(tools_pb2.ExecuteToolsRequest(invocations=batch), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(caught.value) == ["invocations"]
