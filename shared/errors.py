@@ -67,9 +67,11 @@ class FailedPrecondition(AgentmeshError):
     default_reason = "FAILED_PRECONDITION"
 
 
-class ResourceExhausted(AgentmeshError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "RESOURCE_EXHAUSTED"
+class RetryableError(AgentmeshError):
+    """An error the caller may retry after ``retry_after_s`` (sent as ``RetryInfo``)."""
+
+    # Whether the message itself says when to retry.
+    hint_in_message = False
 
     def __init__(
         self,
@@ -79,34 +81,27 @@ class ResourceExhausted(AgentmeshError):
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(
-            f"{message} (retry after {retry_after_s:.2f}s)",
-            reason=reason,
-            metadata={"retry_after_s": f"{retry_after_s:.3f}", **(metadata or {})},
-        )
-        self.retry_after_s = retry_after_s
-
-
-class Aborted(AgentmeshError):
-    """A concurrency conflict (a lease held elsewhere, a fenced write); retry after the hint."""
-
-    code = grpc.StatusCode.ABORTED
-    default_reason = "ABORTED"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        retry_after_s: float,
-        reason: str | None = None,
-        metadata: Mapping[str, str] | None = None,
-    ) -> None:
+        if self.hint_in_message:
+            message = f"{message} (retry after {retry_after_s:.2f}s)"
         super().__init__(
             message,
             reason=reason,
             metadata={"retry_after_s": f"{retry_after_s:.3f}", **(metadata or {})},
         )
         self.retry_after_s = retry_after_s
+
+
+class ResourceExhausted(RetryableError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+    hint_in_message = True
+
+
+class Aborted(RetryableError):
+    """A concurrency conflict (a lease held elsewhere, a fenced write); retry after the hint."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
 
 
 class Unavailable(AgentmeshError):
@@ -165,7 +160,7 @@ def to_rich_status(error: AgentmeshError) -> grpc.Status:
             )
         )
         details.append(bad)
-    if isinstance(error, ResourceExhausted | Aborted):
+    if isinstance(error, RetryableError):
         retry = any_pb2.Any()
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after_s * 1000))
