@@ -172,13 +172,16 @@ class InferenceLimits(RequestLimits):
     max_tool_calls_per_message: int = Field(default=32, ge=1)
     max_arguments_bytes: int = Field(default=64 * 1024, ge=64)
     max_arguments_depth: int = Field(default=32, ge=2)
-    max_stop_sequences: int = Field(default=16, ge=0)
-    max_stop_chars: int = Field(default=256, ge=1)
+    max_stop_sequences: int = Field(default=8, ge=0)
+    max_stop_chars: int = Field(default=64, ge=1)
     max_named_tools: int = Field(default=32, ge=1)
     max_calls: int = Field(default=32, ge=1)
     # CountTokens texts.
     max_texts: int = Field(default=256, ge=1)
     max_text_chars: int = Field(default=256_000, ge=1)
+    # CountTokens: text of messages, tools and texts together (the field that crosses it is
+    # named).
+    max_count_text_bytes: int = Field(default=1 << 20, ge=1024)
 
 
 class InferenceSettings(ServiceSettings):

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from services.inference.config import InferenceSettings, LanesConfig, StageName, ToolCallFormat
 from services.inference.continue_answer import ContinueOrAnswer, continue_or_answer
-from services.inference.counting import check_count_limits, count_all
+from services.inference.counting import count_all
 from services.inference.dtype import DtypeChoice
 from services.inference.engine import (
     Delta,
@@ -56,7 +56,7 @@ from services.inference.tool_calls import (
     parse_calls,
     parse_selection,
 )
-from shared.errors import InvalidArgument, Unavailable
+from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 T = TypeVar("T")
 
@@ -383,12 +383,13 @@ class InferenceCore:
         """The lane's RPC slot and ``sequences`` of its engine's budget, or an immediate
         RESOURCE_EXHAUSTED with a retry hint (nothing queues)."""
         await self.board.require_serving(lane)
-        if (
-            lane.in_flight >= lane.spec.max_concurrency
-            or lane.budget.in_use + min(sequences, lane.budget.capacity) > lane.budget.capacity
-        ):
-            self.metrics.rejected.labels(lane.name).inc()
-        async with lane.slot(), lane.budget.reserve(sequences, lane.name):
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                await held.enter_async_context(lane.slot())
+                await held.enter_async_context(lane.budget.reserve(sequences, lane.name))
+            except ResourceExhausted:
+                self.metrics.rejected.labels(lane.name).inc()
+                raise
             yield
 
     # ---- CallTools -------------------------------------------------------------------------
@@ -578,7 +579,6 @@ class InferenceCore:
     async def count_tokens(self, req: pb.CountTokensRequest) -> pb.CountTokensResponse:
         """Counts in the lane's tokenizer; no engine generation, no lane slot (it works while
         the lane is at its cap)."""
-        check_count_limits(req)
         messages = messages_to_dicts(req.messages) if req.messages else None
         tools = parse_tools(req.tools)
         lane, choice = await self._route(req.lane)

@@ -2,7 +2,8 @@
 
 The prompt count renders exactly what Generate/StreamGenerate send the engine (same renderer,
 same generation prompt); free texts are counted alone and optionally cut to a token limit so
-that the cut text re-encodes to at most that many tokens.
+that the cut text re-encodes to at most that many tokens. The request's bounds (counts, sizes)
+are the request guard's (services/inference/request_checks.py).
 """
 
 from __future__ import annotations
@@ -14,33 +15,8 @@ from agentmesh.common.v1 import common_pb2
 from agentmesh.inference.v1 import inference_pb2 as pb
 
 from services.inference.engine import Engine
-from shared.errors import InvalidArgument
 
-MAX_ITEMS = 256
-MAX_TEXT_BYTES = 1 << 20
 _PARTIAL_CHAR = "\ufffd"
-
-
-def check_count_limits(req: pb.CountTokensRequest) -> None:
-    """At most 256 messages, 256 texts and 1 MiB of text in all (the field that crosses the
-    limit is named)."""
-    if len(req.messages) > MAX_ITEMS:
-        raise InvalidArgument("messages", f"at most {MAX_ITEMS} messages per request")
-    if len(req.texts) > MAX_ITEMS:
-        raise InvalidArgument("texts", f"at most {MAX_ITEMS} texts per request")
-    total = 0
-    parts: list[tuple[str, Sequence[str]]] = [
-        ("messages", [m.content for m in req.messages]),
-        (
-            "tools",
-            [t.name + t.description + t.parameters_json_schema for t in req.tools],
-        ),
-        ("texts", list(req.texts)),
-    ]
-    for field, texts in parts:
-        total += sum(len(t.encode()) for t in texts)
-        if total > MAX_TEXT_BYTES:
-            raise InvalidArgument(field, "at most 1 MiB of text per request, all fields together")
 
 
 def truncate_to_tokens(engine: Engine, ids: list[int], limit: int) -> str:

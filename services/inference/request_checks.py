@@ -140,8 +140,29 @@ def _count_tokens(lim: InferenceLimits) -> Any:
         check_count(request.texts, "texts", lim.max_texts)
         for i, text in enumerate(request.texts):
             check_chars(text, f"texts[{i}]", lim.max_text_chars)
+        _count_text_bytes(request, lim.max_count_text_bytes)
 
     return check
+
+
+def _count_text_bytes(request: pb.CountTokensRequest, limit: int) -> None:
+    """The text of messages, tools and texts together; the field that crosses ``limit`` is
+    named."""
+    parts: list[tuple[str, list[str]]] = [
+        ("messages", [m.content for m in request.messages]),
+        ("tools", [t.name + t.description + t.parameters_json_schema for t in request.tools]),
+        ("texts", list(request.texts)),
+    ]
+    total = 0
+    for field, texts in parts:
+        total += sum(len(t.encode()) for t in texts)
+        if total > limit:
+            raise InvalidArgument(
+                field,
+                f"over the limit of {limit} bytes of text per request, all fields together",
+                reason="TOO_LARGE",
+                metadata={"limit": str(limit)},
+            )
 
 
 def inference_request_checks(limits: InferenceLimits) -> RequestChecks:

@@ -12,12 +12,11 @@ from services.inference.engine import GenParams
 from shared.errors import InvalidArgument
 
 MAX_TEMPERATURE = 2.0
-MAX_STOP_STRINGS = 8
-MAX_STOP_CHARS = 64
 
 
 def validate_sampling(sampling: pb.SamplingParams, max_model_len: int) -> None:
-    """Reject overrides the engine would refuse (or misbehave on)."""
+    """Reject overrides the engine would refuse (or misbehave on). How many stop strings and
+    how long each is are the request guard's bounds (services/inference/request_checks.py)."""
     if sampling.HasField("temperature"):
         t = sampling.temperature
         if math.isnan(t) or not 0.0 <= t <= MAX_TEMPERATURE:
@@ -33,13 +32,9 @@ def validate_sampling(sampling: pb.SamplingParams, max_model_len: int) -> None:
             "sampling.max_tokens",
             f"{sampling.max_tokens} exceeds the lane's context of {max_model_len} tokens",
         )
-    if len(sampling.stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")
     for i, stop in enumerate(sampling.stop):
-        if not stop or len(stop) > MAX_STOP_CHARS:
-            raise InvalidArgument(
-                f"sampling.stop[{i}]", f"a stop string has 1 to {MAX_STOP_CHARS} characters"
-            )
+        if not stop:
+            raise InvalidArgument(f"sampling.stop[{i}]", "must not be empty")
 
 
 def gen_params(
