@@ -69,10 +69,11 @@ class ContinueOrAnswer:
         return per_calls if self.calls_only else max(per_calls, defaults.max_tokens)
 
     def feed(self, text: str) -> str:
-        """One delta in; the text to stream now (possibly empty)."""
-        self._parts.append(text)
+        """One delta in; the text to stream now (possibly empty). A text answer is passed on
+        as it comes, not kept: only a (possible) call's text is held for parsing."""
         if self.path is Path.TEXT:
             return text
+        self._parts.append(text)
         if self.path is Path.CALLS:
             return ""
         self._held += text

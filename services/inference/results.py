@@ -86,7 +86,7 @@ class Metrics:
         )
         self.rejected = Counter(
             "agentmesh_inference_rejected",
-            "Requests refused at a lane's concurrency cap.",
+            "Requests refused at a lane's concurrency cap or its engine's sequence budget.",
             ["lane"],
             registry=self.registry,
         )

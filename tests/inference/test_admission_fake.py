@@ -87,6 +87,8 @@ async def test_lanes_share_their_engines_sequence_budget(fake: Fake) -> None:
     assert reason(err.value) == "ENGINE_AT_CAPACITY"
     assert retry_ms(err.value) > 0
     assert len(fake.engine.requests) == 2  # the refused one never reached the engine
+    registry = fake.service.metrics_registry
+    assert registry.get_sample_value("agentmesh_inference_rejected_total", {"lane": "speed"}) == 1
     assert fake.engine.hold_after_first is not None
     fake.engine.hold_after_first.set()
     for call in held:
@@ -120,7 +122,7 @@ async def test_call_tools_reserves_its_n_plus_one_generations() -> None:
         f.engine.script = lambda ids, p: '["kb_search"]'
         f.engine.hold_after_first = None
         reply = await f.stub.CallTools(request, timeout=10)  # all four fit now
-        assert reply.generations >= 1
+        assert reply.generations == 2  # the selection, then kb_search's arguments
         assert budget.in_use == 0
     finally:
         await f.close()

@@ -227,6 +227,10 @@ async def test_lane_cap_gives_resource_exhausted_with_retry_hint() -> None:
         info = error_details_pb2.RetryInfo()
         retry[0].Unpack(info)
         assert info.retry_delay.ToMilliseconds() > 0
+        rejected = f.service.metrics_registry.get_sample_value(
+            "agentmesh_inference_rejected_total", {"lane": "speed"}
+        )
+        assert rejected == 1
         # Another lane on the same engine is not affected by speed's cap.
         ok = await f.stub.Generate(
             pb.GenerateRequest(messages=user("c"), lane=pb.LaneSelector(lane="workhorse")),
