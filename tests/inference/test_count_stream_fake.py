@@ -76,6 +76,11 @@ async def read_rest(call: object) -> list[pb.StreamGenerateResponse]:
     return out
 
 
+def text_only(events: list[pb.StreamGenerateResponse]) -> list[str]:
+    """The kinds of a plain text stream: text deltas, then the summary."""
+    return ["text_delta"] * (len(events) - 1) + ["summary"]
+
+
 def text_of(events: list[pb.StreamGenerateResponse]) -> str:
     return "".join(e.text_delta for e in events if e.WhichOneof("event") == "text_delta")
 
@@ -216,7 +221,7 @@ async def test_auto_text_answer_streams_as_it_is_generated() -> None:
         gate.set()
         await f.close()
     assert text_of(events) == answer
-    assert "tool_calls" not in kinds(events) and kinds(events)[-1] == "summary"
+    assert kinds(events) == text_only(events)
     assert events[-1].summary.usage.completion_tokens == len(answer)
     _, params = f.engine.requests[-1]
     tools = parse_tools(TOOLS)
@@ -300,7 +305,7 @@ async def test_unspecified_mode_is_text_only_as_before(fake: Fake) -> None:
     fake.engine.script = lambda ids, p: out
     req = pb.StreamGenerateRequest(messages=convo("hi"), tools=TOOLS)
     events = [e async for e in fake.stub.StreamGenerate(req, timeout=10)]
-    assert text_of(events) == out and "tool_calls" not in kinds(events)
+    assert text_of(events) == out and kinds(events) == text_only(events)
     _, params = fake.engine.requests[-1]
     assert params.grammar is None
     # MODE_AUTO without tools is a plain text stream too.
@@ -328,7 +333,7 @@ async def test_llama3_json_lane_calls_in_its_own_format() -> None:
         assert call.outcome == pb.PARSE_OUTCOME_OK and call.call.name == "crm_lookup"
         f.engine.script = lambda ids, p: "Happy to help."
         events = [e async for e in f.stub.StreamGenerate(auto(lane=pb.LaneSelector(lane="speed")))]
-        assert text_of(events) == "Happy to help." and "tool_calls" not in kinds(events)
+        assert text_of(events) == "Happy to help." and kinds(events) == text_only(events)
     finally:
         await f.close()
 
