@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from typing import Any
 
+from services.orchestrator.loop.actions import Limits
 from services.orchestrator.loop.events import (
     ActionProposed,
     ActionResolved,
@@ -55,7 +56,6 @@ class Agent:
         default_caps: Caps,
         *,
         ceilings: Ceilings | None = None,
-        lease_margin_s: float = 30.0,
         lease_ttl_s: float = 10.0,
         history_window_messages: int = 200,
         turn_tools: RecordedTools | None = None,
@@ -67,8 +67,6 @@ class Agent:
         self._tools = tools
         self._default_caps = default_caps
         self._ceilings = ceilings or Ceilings(caps=default_caps.model_copy())
-        # Unused since leases are short and renewed (kept for callers that still pass it).
-        self._lease_margin_s = lease_margin_s
         # The turn lease lives this long past its last heartbeat (one every third of it): a
         # dead replica's session frees up within seconds, not the turn budget.
         self._lease_ttl_s = lease_ttl_s
@@ -421,8 +419,8 @@ class Agent:
                     f"the action is {action.state.value}", reason=f"ACTION_{action.state.name}"
                 )
             others = [a for a in record.actions if a.action_id != action_id]
-            ceiling = round(self._runner.profile.actions.max_amount_per_session * 100)
-            if _committed_cents(others) + action.amount_cents > ceiling:
+            limits = Limits(self._runner.profile.actions, _committed_cents(others))
+            if action.amount_cents > limits.session_left_cents:
                 raise FailedPrecondition(
                     "confirming this would exceed the conversation's money limit",
                     reason="ACTION_OVER_LIMIT",

@@ -64,8 +64,6 @@ class OrchestratorSettings(ServiceSettings):
     profile: AgentProfile = Field(default_factory=AgentProfile)
     limits: OrchestratorLimits = Field(default_factory=OrchestratorLimits)
 
-    # Unused since turn leases are short and renewed (kept so configs that set it still load).
-    lease_margin_s: float = Field(default=30.0, ge=0)
     # A turn's lease in the store lives this long past its holder's last heartbeat (one every
     # third of it): a dead replica's session is free again within seconds.
     lease_ttl_s: float = Field(default=10.0, gt=0)

@@ -112,7 +112,6 @@ class OrchestratorService:
             tools,
             settings.caps,
             ceilings=settings.ceilings,
-            lease_margin_s=settings.lease_margin_s,
             lease_ttl_s=settings.lease_ttl_s,
             history_window_messages=settings.history_window_messages,
             turn_tools=recorded,

@@ -174,6 +174,9 @@ async def test_selection_modes_make_the_reads_a_default_the_plan_overrides(
         TurnRunner(FakeInference(plan=lambda i, m: planned(*plan)), tools, profile), make_input()
     )
     assert sorted(tools.names()) == sorted(expected)
+    # The evaluation hook selects as the turn does, under either mode, from any profile.
+    other = TurnRunner(FakeInference(), FakeTools(), PROFILE)
+    assert sorted(other.apply_selection(make_input(), plan, selection)) == sorted(expected)
 
 
 async def test_a_tool_call_in_the_answer_stage_opens_one_more_round() -> None:
@@ -640,6 +643,30 @@ async def test_used_up_task_budget_answers_without_calling_tools() -> None:
     )
     assert tools.invocations == [] and inference.of_kind("plan") == []
     assert completed(events).outcome is Outcome.BUDGET_EXHAUSTED
+
+
+async def test_an_empty_answer_says_in_time_only_when_the_time_ran_out() -> None:
+    def down(inv: ToolInvocation) -> ToolOutcome:
+        return ToolOutcome(inv.call_id, inv.name, "UNAVAILABLE", error_message="billing is down")
+
+    inference = FakeInference(plan=lambda i, m: planned("billing_lookup"), answer="")
+    tools = FakeTools(handlers={"billing_lookup": down})
+    done = completed(await run(TurnRunner(inference, tools, PROFILE), make_input()))
+    # A failed tool is a note, but no time ran out.
+    assert done.answer == "I'm sorry, I could not finish this request."
+
+    inference = FakeInference(answer="")
+    done = completed(
+        await run(
+            TurnRunner(inference, FakeTools(), PROFILE),
+            make_input(caps=Caps(turn_budget_s=5, task_budget_s=10), task_time_used_s=10),
+        )
+    )
+    assert done.answer == (
+        "I'm sorry, I could not finish this request in time.\n\n"
+        "What I could not do: the task's time budget (10 s) is used up; "
+        "no time was left to write a full answer."
+    )
 
 
 async def test_a_downstream_dying_mid_answer_fails_the_turn_whatever_was_streamed() -> None:

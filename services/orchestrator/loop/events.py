@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from services.orchestrator.loop.types import Action, Message, Usage
+from services.orchestrator.loop.types import Action, Message, ToolCall, ToolOutcome, Usage
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,25 @@ class ToolCallFinished:
     truncated: bool
     error_message: str
     round: int
+
+    @classmethod
+    def ran(cls, call: ToolCall, outcome: ToolOutcome, round: int) -> ToolCallFinished:
+        """A call the tools service ran, as it reported it."""
+        return cls(
+            call.id,
+            call.name,
+            call.arguments_json,
+            outcome.status,
+            outcome.latency_s,
+            outcome.truncated,
+            outcome.error_message,
+            round,
+        )
+
+    @classmethod
+    def not_run(cls, call: ToolCall, status: str, why: str, round: int) -> ToolCallFinished:
+        """A call that did not run (skipped, declined, proposed, invalid, result unknown)."""
+        return cls(call.id, call.name, call.arguments_json, status, 0.0, False, why, round)
 
 
 class EscalationKind(enum.Enum):

@@ -49,6 +49,7 @@ from services.orchestrator.loop.types import (
     Message,
     Role,
     ToolCall,
+    ToolDef,
     ToolInvocation,
     ToolOutcome,
 )
@@ -57,7 +58,7 @@ from shared.errors import AgentmeshError
 
 __all__ = ["TurnInput", "TurnRunner"]
 
-SORRY = "I'm sorry, I could not finish this request."
+SORRY = "I'm sorry, I could not finish this request"
 
 
 class TurnRunner:
@@ -142,11 +143,7 @@ class TurnRunner:
         caps = inp.caps
         task_left = max(0.0, caps.task_budget_s - inp.task_time_used_s)
         turn_deadline = Deadline.after(min(caps.turn_budget_s, task_left)).earliest(inp.deadline)
-        principal = inp.principal
-        allowed = set(profile.allowed_tools)
-        usable = [
-            t for t in inp.registry if principal.may_use(t) and (not allowed or t.name in allowed)
-        ]
+        usable = self._usable(inp)
         return TurnState(
             inp=inp,
             turn_deadline=turn_deadline,
@@ -161,6 +158,14 @@ class TurnRunner:
             model_tools=tuple(t.model_view() for t in usable),
             observe_tokens=profile.observe_max_tokens,
         )
+
+    def _usable(self, inp: TurnInput) -> list[ToolDef]:
+        """The registry's tools this principal may use under the profile, registry order."""
+        principal = inp.principal
+        allowed = set(self._d.profile.allowed_tools)
+        return [
+            t for t in inp.registry if principal.may_use(t) and (not allowed or t.name in allowed)
+        ]
 
     def _history(self, history: Sequence[Message]) -> list[Message]:
         """Earlier turns as the prompt sees them: without old tool traffic unless kept."""
@@ -244,11 +249,8 @@ class TurnRunner:
     def apply_selection(self, inp: TurnInput, planned: Sequence[str], mode: str) -> list[str]:
         """What ``mode`` ("plan" / "default_reads") would run for a plan choosing ``planned``."""
         profile = self._d.profile.model_copy(update={"tool_selection": mode})
-        st = self._state(inp)
-        chosen = select(
-            dataclasses.replace(self._d, profile=profile), st, [(n, "") for n in planned]
-        )
-        return [name for name, _ in chosen]
+        usable = {t.name for t in self._usable(inp)}
+        return [name for name, _ in select(profile, usable, [(n, "") for n in planned])]
 
     # ------------------------------------------------------------------ confirmed action
 
@@ -293,16 +295,7 @@ class TurnRunner:
                 NoteKind.ACTION_FAILED,
                 "the action's result could not be confirmed; confirm it again to retry safely",
             )
-            yield ToolCallFinished(
-                call.id,
-                call.name,
-                call.arguments_json,
-                "UNAVAILABLE",
-                0.0,
-                False,
-                "the tool service failed",
-                1,
-            )
+            yield ToolCallFinished.not_run(call, "UNAVAILABLE", "the tool service failed", 1)
             return
         done = dataclasses.replace(
             action,
@@ -313,16 +306,7 @@ class TurnRunner:
         )
         if not outcome.ok:
             st.note(NoteKind.DECLINED, f"{action.summary} failed: {outcome.error_message}")
-        yield ToolCallFinished(
-            call.id,
-            call.name,
-            call.arguments_json,
-            outcome.status,
-            outcome.latency_s,
-            outcome.truncated,
-            outcome.error_message,
-            1,
-        )
+        yield ToolCallFinished.ran(call, outcome, 1)
         body = outcome.result_json if outcome.ok else f'{{"error": "{outcome.status}"}}'
         fenced, _ = await observe(d, st, [call], {call.id: outcome}, {call.id: body})
         assistant = Message(Role.ASSISTANT, "", tool_calls=(call,))
@@ -363,7 +347,8 @@ class TurnRunner:
         answer_text = st.answer
         tail = ""
         if not answer_text.strip():
-            tail = SORRY if not st.notes else "I'm sorry, I could not finish this request in time."
+            # "in time" only when time ran out; what else went wrong is told just below.
+            tail = SORRY + (" in time." if st.has(NoteKind.BUDGET) else ".")
         told = st.told()
         if told:
             tail += ("\n\n" if answer_text.strip() or tail else "") + (

@@ -51,7 +51,7 @@ class TurnTracer(Protocol):
 
 
 class NoTrace:
-    """Observes nothing."""
+    """Observes nothing: an observer subclasses it and overrides only the hooks it uses."""
 
     def offered(self, tools: Sequence[str]) -> None:
         pass

@@ -10,7 +10,7 @@ from typing import Any
 
 from services.orchestrator.loop import events as ev
 from services.orchestrator.loop.state import TurnInput
-from services.orchestrator.loop.trace import TurnTrace
+from services.orchestrator.loop.trace import NoTrace, TurnTrace
 from services.orchestrator.loop.types import GenerationStats, Role
 from services.orchestrator.replay.records import RecordedCall, TurnRecord, append_record, unfence
 
@@ -33,7 +33,7 @@ class TurnRecorder:
         return RecordingTurn(inp, lambda r: append_record(self.path, r.redacted()))
 
 
-class RecordingTurn:
+class RecordingTurn(NoTrace):
     """Builds the TurnRecord of one turn from its hooks and events."""
 
     def __init__(self, inp: TurnInput, sink: Any) -> None:
@@ -52,9 +52,6 @@ class RecordingTurn:
 
     def offered(self, tools: Sequence[str]) -> None:
         self.record.tools_offered = list(tools)
-
-    def stage(self, stage: str, start: float, end: float) -> None:
-        pass
 
     def llm(
         self,
@@ -89,6 +86,3 @@ class RecordingTurn:
             if not rec.lane and rec.lanes:
                 rec.lane = rec.lanes[0]
             self._sink(rec)
-
-    def close(self) -> None:
-        pass

@@ -17,7 +17,7 @@ from services.orchestrator.loop.events import (
 )
 from services.orchestrator.loop.stages.execute import DECLINED, INVALID_ARGUMENT, execute
 from services.orchestrator.loop.state import NoteKind, TurnState
-from services.orchestrator.loop.types import Effect, EmittedCall, ToolDef
+from services.orchestrator.loop.types import Effect, EmittedCall, ToolCall, ToolDef
 from shared.errors import AgentmeshError, DeadlineExceeded
 
 
@@ -59,7 +59,7 @@ async def emit_round(
     views, declined = await narrowed_tools(d, st, list(intents))
     for name, why in declined.items():
         st.note(NoteKind.DECLINED, f"{name} could not be proposed: {why}")
-        yield ToolCallFinished("", name, "", DECLINED, 0.0, False, why, round_no)
+        yield ToolCallFinished.not_run(ToolCall("", name, ""), DECLINED, why, round_no)
     pending = [n for n in intents if n in views]
     feedback = dict(feedback or {})
     reprompted = bool(feedback)
@@ -130,8 +130,8 @@ async def emit_round(
             for name, why in failed.items():
                 st.note(NoteKind.INVALID_CALL, f"{name} could not be called with valid arguments")
                 if name not in invalid:
-                    yield ToolCallFinished(
-                        "", name, "", INVALID_ARGUMENT, 0.0, False, why, round_no
+                    yield ToolCallFinished.not_run(
+                        ToolCall("", name, ""), INVALID_ARGUMENT, why, round_no
                     )
             return
         feedback = failed

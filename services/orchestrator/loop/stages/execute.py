@@ -79,29 +79,14 @@ async def execute(
         if call.id in skipped:
             skip = skipped[call.id]
             bodies[call.id] = f"[{skip.status}] {call.name}: {skip.why}."
-            finished.append(
-                ToolCallFinished(
-                    call.id,
-                    call.name,
-                    call.arguments_json,
-                    skip.status,
-                    0.0,
-                    False,
-                    skip.why,
-                    round_no,
-                )
-            )
+            finished.append(ToolCallFinished.not_run(call, skip.status, skip.why, round_no))
         elif call.id in proposed:
             action = proposed[call.id].action
             bodies[call.id] = (
                 f"[{PROPOSED}] {call.name}: {action.summary}. Not done yet: it runs only after "
                 "the customer confirms it."
             )
-            finished.append(
-                ToolCallFinished(
-                    call.id, call.name, call.arguments_json, PROPOSED, 0.0, False, "", round_no
-                )
-            )
+            finished.append(ToolCallFinished.not_run(call, PROPOSED, "", round_no))
         else:
             outcome = outcomes.get(call.id) or ToolOutcome(
                 call.id, call.name, "INTERNAL", error_message="no result was returned"
@@ -110,18 +95,7 @@ async def execute(
                 invalid[call.name] = outcome.error_message or "arguments failed validation"
             elif not outcome.ok:
                 st.note(NoteKind.TOOL_FAILED, f"{call.name} failed ({outcome.status.lower()})")
-            finished.append(
-                ToolCallFinished(
-                    call.id,
-                    call.name,
-                    call.arguments_json,
-                    outcome.status,
-                    outcome.latency_s,
-                    outcome.truncated,
-                    outcome.error_message,
-                    round_no,
-                )
-            )
+            finished.append(ToolCallFinished.ran(call, outcome, round_no))
             bodies[call.id] = _payload(outcome)
     fenced, cut = await observe(d, st, recorded, outcomes, bodies)
     tool_messages = [

@@ -3,11 +3,12 @@ generation). The profile's selection mode turns the plan into the round's calls.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Container, Sequence
 
 from services.orchestrator.loop import prompts
 from services.orchestrator.loop.deps import Deps
 from services.orchestrator.loop.events import PlanMade, PlannedCall, TurnEvent
+from services.orchestrator.loop.policy import AgentProfile
 from services.orchestrator.loop.state import NoteKind, TurnState
 from shared.errors import AgentmeshError, DeadlineExceeded
 
@@ -58,7 +59,7 @@ async def plan(d: Deps, st: TurnState, out: list[tuple[str, str]]) -> AsyncItera
         parsed = prompts.ParsedPlan(calls=(), reasoning="", parsed=False)
 
     st.planned = parsed.tools
-    calls = select(d, st, parsed.calls)
+    calls = select(profile, st.tools, parsed.calls)
     if len(calls) > left:
         st.note(NoteKind.CAP, st.cap_text())
         calls = calls[:left]
@@ -72,19 +73,20 @@ async def plan(d: Deps, st: TurnState, out: list[tuple[str, str]]) -> AsyncItera
     )
 
 
-def select(d: Deps, st: TurnState, planned: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The plan's calls under the profile: forced tools first, then the reference reads as a
-    default the plan overrides by choosing nothing."""
-    profile = d.profile
+def select(
+    profile: AgentProfile, usable: Container[str], planned: Sequence[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The plan's calls under the profile, among the ``usable`` tools: forced tools first,
+    then the reference reads as a default the plan overrides by choosing nothing."""
     chosen: dict[str, str] = {}
     for name in profile.required_first_round_tools:
-        if name in st.tools:
+        if name in usable:
             chosen[name] = dict(planned).get(name, "")
     if profile.tool_selection == "default_reads" and planned:
         for name in profile.default_tools:
-            if name in st.tools:
+            if name in usable:
                 chosen.setdefault(name, dict(planned).get(name, ""))
     for name, intent in planned:
-        if name in st.tools:
+        if name in usable:
             chosen.setdefault(name, intent)
     return list(chosen.items())
