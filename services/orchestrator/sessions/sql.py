@@ -107,17 +107,27 @@ class SqlSessionStore:
                 )
             )
 
-    async def _fence(self, conn: AsyncConnection, session_id: str, token: int) -> None:
+    async def _fence(
+        self, conn: AsyncConnection, session_id: str, token: int, **values: Any
+    ) -> None:
         """Inside a write transaction: LeaseLost unless ``token`` is the session's current
-        one. The UPDATE takes the row's lock (PostgreSQL; SQLite's BEGIN IMMEDIATE already
-        serialises writers), so no acquisition can slip in before this transaction commits."""
-        if token == UNFENCED:
-            return
+        one, and the session row updated with ``values`` (and ``updated_at``) in the same
+        statement. The UPDATE takes the row's lock (PostgreSQL; SQLite's BEGIN IMMEDIATE
+        already serialises writers), so no acquisition can slip in before this transaction
+        commits. Unfenced, only a write that has ``values`` touches the row."""
         c = self.sessions.c
+        if token == UNFENCED:
+            if values:
+                await conn.execute(
+                    update(self.sessions)
+                    .where(c.session_id == session_id)
+                    .values({"updated_at": time.time(), **values})
+                )
+            return
         result = await conn.execute(
             update(self.sessions)
             .where(and_(c.session_id == session_id, c.lease_token == token))
-            .values(updated_at=time.time())
+            .values({"updated_at": time.time(), **values})
         )
         if not result.rowcount:
             raise LeaseLost(session_id)
@@ -215,7 +225,7 @@ class SqlSessionStore:
             return
         now = time.time()
         async with self._writing() as conn:
-            await self._fence(conn, session_id, token)
+            await self._fence(conn, session_id, token, updated_at=now)
             last = (
                 await conn.execute(
                     select(func.max(self.messages.c.seq)).where(
@@ -237,11 +247,6 @@ class SqlSessionStore:
                     for i, m in enumerate(messages)
                 ],
             )
-            await conn.execute(
-                update(self.sessions)
-                .where(self.sessions.c.session_id == session_id)
-                .values(updated_at=now)
-            )
 
     async def update_counters(
         self,
@@ -253,16 +258,13 @@ class SqlSessionStore:
         token: int = UNFENCED,
     ) -> None:
         async with self._writing() as conn:
-            await self._fence(conn, session_id, token)
-            await conn.execute(
-                update(self.sessions)
-                .where(self.sessions.c.session_id == session_id)
-                .values(
-                    turn_count=turn_count,
-                    task_tool_calls=task_tool_calls,
-                    task_time_used_s=task_time_used_s,
-                    updated_at=time.time(),
-                )
+            await self._fence(
+                conn,
+                session_id,
+                token,
+                turn_count=turn_count,
+                task_tool_calls=task_tool_calls,
+                task_time_used_s=task_time_used_s,
             )
 
     async def end(self, session_id: str) -> bool:
