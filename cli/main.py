@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli import chat, models, replay
-from cli.supervisor import ChildSpec, Supervisor, run_until_signalled, terminate_with_parent
+from cli.supervisor import ChildSpec, Supervisor, run_until_signalled
 from shared.config import BootstrapSettings, child_process_environment
 
 app = typer.Typer(help="agentmesh: a gRPC agent backend on vLLM.", no_args_is_help=True)
@@ -40,10 +40,6 @@ MESH = (
     ServiceProcess("inference", "services.inference", 50052, "magenta"),
     ServiceProcess("orchestrator", "services.orchestrator", 50051, "cyan"),
 )
-
-
-# Kept under its old name: the child-side parent-death hook lives in cli.supervisor now.
-_terminate_with_parent = terminate_with_parent
 
 
 def mesh_children(only: list[str], config: Path | None) -> list[ChildSpec]:

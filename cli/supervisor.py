@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -71,8 +72,6 @@ class Child:
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     exits: list[int] = field(default_factory=list)
-    # Set each time a new process of this child is running (tests and callers await it).
-    started: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Supervisor:
@@ -84,14 +83,12 @@ class Supervisor:
         console: Console,
         backoff: Backoff | None = None,
         stop_grace_s: float = 60.0,
-        clock: Callable[[], float] | None = None,
     ) -> None:
         self.children = [Child(spec) for spec in specs]
         self._console = console
         self._backoff = backoff or Backoff()
         self._stop_grace_s = stop_grace_s
         self._stopping = asyncio.Event()
-        self._clock = clock or asyncio.get_running_loop().time
         self._width = max((len(spec.name) for spec in specs), default=1)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -123,7 +120,6 @@ class Supervisor:
         child.process = process
         what = "restarted" if child.restarts else "started"
         self.say(f"[bold {spec.colour}]{what} {spec.name}[/] (pid {process.pid})")
-        child.started.set()
 
     async def _relay(self, child: Child) -> None:
         """Prefix each log line with the service name, until the process closes its output."""
@@ -139,7 +135,7 @@ class Supervisor:
         while True:
             process = child.process
             assert process is not None
-            began = self._clock()
+            began = time.monotonic()
             relay = asyncio.create_task(self._relay(child))
             code = await process.wait()
             with contextlib.suppress(Exception):
@@ -148,8 +144,7 @@ class Supervisor:
             child.exits.append(code)
             if self._stopping.is_set():
                 return
-            delay = self._backoff.next_delay(delay, self._clock() - began)
-            child.started.clear()
+            delay = self._backoff.next_delay(delay, time.monotonic() - began)
             self.say(
                 f"[bold red]{child.spec.name} exited ({describe_exit(code)}); "
                 f"restarting in {delay:g}s[/] (restart {child.restarts + 1})"

@@ -26,11 +26,11 @@ async def test_a_service_started_by_up_dies_with_up(tmp_path: Path) -> None:
     parent = textwrap.dedent(
         f"""
         import subprocess, sys, time
-        from cli.main import _terminate_with_parent
+        from cli.supervisor import terminate_with_parent
         child = subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(120)"],
             start_new_session=True,
-            preexec_fn=_terminate_with_parent,
+            preexec_fn=terminate_with_parent,
         )
         open({str(pid_file)!r}, "w").write(str(child.pid))
         time.sleep(120)
