@@ -62,3 +62,17 @@ def test_bound_values() -> None:
     assert customer.bound_value("invoice_id") is None
     assert Principal.anonymous().is_anonymous
     assert Principal.anonymous().bound_value("customer_id") is None
+
+
+@pytest.mark.parametrize("customer_id", ["", "CUST-0001", "acme.7_x"])
+def test_the_orchestrator_sends_what_the_tools_service_parses(customer_id: str) -> None:
+    """The orchestrator writes the header with its own session Principal: the two sides of
+    the wire format must agree (the header name and both value shapes)."""
+    from services.orchestrator import clients
+    from services.orchestrator.loop.types import Principal as SessionPrincipal
+
+    assert clients.PRINCIPAL_HEADER == PRINCIPAL_HEADER
+    sent = SessionPrincipal(customer_id).header()
+    assert Principal.from_metadata(((clients.PRINCIPAL_HEADER, sent),)) == Principal(
+        customer_id or None
+    )
