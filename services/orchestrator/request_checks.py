@@ -5,12 +5,12 @@ from __future__ import annotations
 from agentmesh.orchestrator.v1 import orchestrator_pb2 as pb
 
 from services.orchestrator.access import check_metadata_keys
+from services.orchestrator.agent import MAX_SESSION_ID_CHARS
 from services.orchestrator.config import OrchestratorLimits
 from shared.guard import RequestChecks
 from shared.limits import check_chars, check_count
 
 SERVICE = "/agentmesh.orchestrator.v1.AgentService/"
-MAX_SESSION_ID_CHARS = 64
 
 
 def orchestrator_request_checks(lim: OrchestratorLimits) -> RequestChecks:

@@ -254,7 +254,9 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):  # type: ignore
         self, request: pb.EndSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.EndSessionResponse:
         self._check_ready()
-        self._access.check_visible(await self._agent.get_session(request.session_id), ending=True)
+        # The owner check needs the session's metadata, not its conversation.
+        owned = await self._agent.get_session(request.session_id, last_messages=0)
+        self._access.check_visible(owned, ending=True)
         record = await self._agent.end_session(request.session_id)
         return pb.EndSessionResponse(session=session_to_proto(record))
 
@@ -263,7 +265,9 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):  # type: ignore
     ) -> AsyncIterator[pb.RunTurnResponse]:
         self._check_ready()
         self._access.check_lane(request.lane)
-        self._access.check_visible(await self._agent.get_session(request.session_id))
+        self._access.check_visible(
+            await self._agent.get_session(request.session_id, last_messages=0)
+        )
         turn = self._agent.run_turn(
             request.session_id,
             request.user_message,

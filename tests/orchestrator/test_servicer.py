@@ -399,6 +399,30 @@ async def test_bad_turn_requests_get_their_status(
     assert err.value.code() == code
 
 
+@SQLITE_ONLY
+async def test_a_turn_never_loads_the_whole_conversation(mesh: Mesh) -> None:
+    server = await mesh.orchestrator()
+    service = server.service
+    assert isinstance(service, OrchestratorService)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = orchestrator_pb2_grpc.AgentServiceStub(channel)
+        session = await create(stub)
+        await turn(stub, session.session_id, "Why was I charged twice?")
+        store = service.store
+        loads: list[int | None] = []
+        real_get = store.get
+
+        async def get(session_id: str, *, last_messages: int | None = None) -> Any:
+            loads.append(last_messages)
+            return await real_get(session_id, last_messages=last_messages)
+
+        store.get = get  # type: ignore[method-assign]
+        events = await turn(stub, session.session_id, "And the second invoice?")
+        assert events[-1].HasField("turn_completed")
+        # The owner check and the turn's checks read no messages; the turn reads its window.
+        assert loads == [0, 0, OrchestratorSettings().history_window_messages]
+
+
 async def test_caller_chosen_session_id_is_used_once(stub: Any) -> None:
     session = await create(stub, session_id="demo-1")
     assert session.session_id == "demo-1"
