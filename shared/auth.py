@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import grpc
 
 from shared.config import AuthSettings
 from shared.errors import PermissionDenied, Unauthenticated, to_rich_status
-from shared.handler_cache import HandlerCache
+from shared.interceptors import WrappingInterceptor, metadata_value
 
 log = logging.getLogger("agentmesh.auth")
 
@@ -215,48 +215,26 @@ def _scopes(value: Any) -> frozenset[str]:
     return frozenset()
 
 
-def _metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
-    for item_key, value in context.invocation_metadata() or ():
-        if item_key == key:
-            return value.decode(errors="replace") if isinstance(value, bytes) else value
-    return None
-
-
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Any) -> None:
     status = to_rich_status(error)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     """Authenticates, checks the service's scope, publishes the principal for the handler."""
 
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
-        self._wrapped = HandlerCache()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        from shared.interceptors import wrap_handler
-
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or self._auth.exempt(method):
-            return handler
-        return self._wrapped.get(
-            method, handler, lambda inner: wrap_handler(inner, method, self.around)
-        )
+    def exempt(self, method: str) -> bool:
+        return self._auth.exempt(method)
 
     @contextlib.asynccontextmanager
     async def around(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[None]:
         try:
-            principal = self._auth.authenticate(_metadata_value(context, "authorization"))
+            principal = self._auth.authenticate(metadata_value(context, "authorization"))
         except Unauthenticated as error:
             await _abort(context, error)
             raise  # not reached: abort raises

@@ -15,18 +15,20 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc.aio import AbortError
 
-from shared.auth import Authenticator, AuthInterceptor
 from shared.deadlines import Deadline, reset_current_deadline, set_current_deadline
 from shared.errors import AgentmeshError, to_rich_status
 from shared.guard import RequestGuardInterceptor
 from shared.handler_cache import HandlerCache
 from shared.logging import reset_request_id, set_request_id
 from shared.metrics import RpcMetrics
+
+if TYPE_CHECKING:
+    from shared.auth import Authenticator
 
 log = logging.getLogger("agentmesh.rpc")
 
@@ -52,7 +54,7 @@ def split_method(full_method: str) -> tuple[str, str]:
 def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
     for item_key, value in context.invocation_metadata() or ():
         if item_key == key:
-            return value.decode() if isinstance(value, bytes) else value
+            return value.decode(errors="replace") if isinstance(value, bytes) else value
     return None
 
 
@@ -64,6 +66,10 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
     ) -> contextlib.AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
+    def exempt(self, method: str) -> bool:
+        """Methods passed through unwrapped (health and reflection, unless overridden)."""
+        return method.startswith(EXEMPT_PREFIXES)
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -73,7 +79,7 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(EXEMPT_PREFIXES):
+        if handler is None or self.exempt(method):
             return handler
         # Subclasses need not call a base __init__: the cache is made on first use.
         cache: HandlerCache = self.__dict__.setdefault("_wrapped", HandlerCache())
@@ -296,6 +302,8 @@ def default_interceptors(
         MetricsInterceptor(metrics),
     ]
     if authenticator is not None and authenticator.enabled:
+        from shared.auth import AuthInterceptor  # auth builds on this module
+
         chain.append(AuthInterceptor(authenticator))
     chain += [DeadlineInterceptor(), ErrorInterceptor()]
     if guard is not None:
