@@ -11,6 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 from agentmesh.tools.v1 import tools_pb2_grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -118,6 +120,20 @@ Metadata = tuple[tuple[str, str], ...]
 def principal_md(value: str) -> Metadata:
     """Call metadata carrying ``agentmesh-principal: value``."""
     return ((PRINCIPAL_HEADER, value),)
+
+
+def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """The fields an RPC error's BadRequest detail names (none without one)."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return []
+    fields: list[str] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields.extend(v.field for v in bad.field_violations)
+    return fields
 
 
 def as_customer(customer_id: str) -> Metadata:

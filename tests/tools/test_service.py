@@ -12,9 +12,7 @@ import grpc
 import pytest
 from agentmesh.common.v1 import common_pb2
 from agentmesh.tools.v1 import tools_pb2
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 from sqlalchemy import func, select
 
 from services.tools.adapters.sql import billing_refunds, create_engine
@@ -24,7 +22,7 @@ from services.tools.output import estimate_tokens
 from services.tools.registry import default_registry
 from services.tools.service import SERVICE_NAME, ToolsService
 from shared.server import GrpcServer
-from tests.tools.conftest import as_customer, serving_stub, tools_settings
+from tests.tools.conftest import as_customer, bad_request_fields, serving_stub, tools_settings
 from tests.tools.fakes import GatedBilling, GatedCrm, GatedKb, HashEmbedder
 
 S = tools_pb2  # brevity in tables
@@ -236,16 +234,7 @@ async def test_bad_input_single_call_is_the_rpc_status(
             tools_pb2.ExecuteToolRequest(invocation=invocation), timeout=10, metadata=CUST1
         )
     assert caught.value.code() == code
-    if field is not None:
-        status = rpc_status.from_call(caught.value)
-        assert status is not None
-        violations: list[str] = []
-        for detail in status.details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations.extend(v.field for v in bad.field_violations)
-        assert violations == [field]
+    assert bad_request_fields(caught.value) == ([] if field is None else [field])
 
 
 async def test_bad_input_in_a_batch_is_a_per_call_status(stub: Any) -> None:
@@ -371,18 +360,6 @@ async def test_default_ceiling_leaves_a_full_lookup_whole(stub: Any, dataset: De
     assert len(json.loads(reply.result.result_json)["invoices"]) == len(invoices)
 
 
-def _violations(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    fields: list[str] = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields.extend(v.field for v in bad.field_violations)
-    return fields
-
-
 async def test_too_large_batch_is_refused(stub: Any) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ExecuteTools(
@@ -392,7 +369,7 @@ async def test_too_large_batch_is_refused(stub: Any) -> None:
             timeout=10,
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _violations(caught.value) == ["invocations"]
+    assert bad_request_fields(caught.value) == ["invocations"]
 
 
 async def test_batch_bound_is_the_configured_limit(tmp_path: Path) -> None:
@@ -412,4 +389,4 @@ async def test_batch_bound_is_the_configured_limit(tmp_path: Path) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.ExecuteTools(tools_pb2.ExecuteToolsRequest(invocations=batch), timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _violations(caught.value) == ["invocations"]
+    assert bad_request_fields(caught.value) == ["invocations"]

@@ -15,7 +15,6 @@ import grpc
 import pytest
 from agentmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 from google.protobuf import text_format
-from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -30,6 +29,7 @@ from tests.tools.conftest import (
     Database,
     Metadata,
     as_customer,
+    bad_request_fields,
     principal_md,
     serving_stub,
     tools_settings,
@@ -78,18 +78,6 @@ def _error_leaked(error: grpc.aio.AioRpcError, dataset: DemoDataset, customer_id
     status = rpc_status.from_call(error)
     rendered = (error.details() or "") + (text_format.MessageToString(status) if status else "")
     return [trace for trace in _traces_of(dataset, customer_id) if trace in rendered]
-
-
-def _bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    fields: list[str] = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields.extend(v.field for v in bad.field_violations)
-    return fields
 
 
 async def _count(engine: AsyncEngine, query: Any) -> int:
@@ -345,7 +333,7 @@ async def test_malformed_principal_is_invalid_argument_naming_the_header(
         )
     for caught in (single, batch):
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert _bad_request_fields(caught.value) == [PRINCIPAL_HEADER]
+        assert bad_request_fields(caught.value) == [PRINCIPAL_HEADER]
         assert (caught.value.details() or "").startswith(f"{PRINCIPAL_HEADER}:")
 
 
