@@ -212,7 +212,6 @@ def check_turn_shape(events: list[pb.RunTurnResponse]) -> pb.TurnCompleted:
     assert kinds.index("plan") < kinds.index("tool_call_started") < kinds.index("compose_delta")
     done = of(events, "turn_completed")[0]
     assert done.answer == "".join(d.text for d in deltas) and done.answer.strip()
-    assert done.outcome in (pb.TURN_OUTCOME_COMPLETED, pb.TURN_OUTCOME_BUDGET_EXHAUSTED)
     assert done.latency.total.ToNanoseconds() > 0 and done.latency.plan.ToNanoseconds() > 0
     assert done.latency.compose.ToNanoseconds() > 0 and done.usage
     # One tool round: plan, one batched emission, the streamed answer (+ any ladder step).
@@ -234,8 +233,10 @@ async def test_five_turn_task_completes_and_survives_a_restart(mesh: Mesh) -> No
     session_id = await new_session(stub)
     task_calls = 0
     for text in FIVE_TURNS[:3]:
-        done = check_turn_shape(await run_turn(stub, session_id, text))
+        events = await run_turn(stub, session_id, text)
+        done = check_turn_shape(events)
         assert done.outcome == pb.TURN_OUTCOME_COMPLETED, list(done.notes)
+        assert done.tool_calls == len(of(events, "tool_call_started"))
         assert done.task_tool_calls == task_calls + done.tool_calls
         task_calls = done.task_tool_calls
 
@@ -247,6 +248,8 @@ async def test_five_turn_task_completes_and_survives_a_restart(mesh: Mesh) -> No
         events = await run_turn(stub, session_id, text)
         done = check_turn_shape(events)
         assert done.outcome == pb.TURN_OUTCOME_COMPLETED, list(done.notes)
+        assert done.tool_calls == len(of(events, "tool_call_started"))
+        assert done.task_tool_calls == task_calls + done.tool_calls
         task_calls = done.task_tool_calls
     assert of(events, "turn_started")[0].turn_index == 5
 
@@ -254,7 +257,8 @@ async def test_five_turn_task_completes_and_survives_a_restart(mesh: Mesh) -> No
     users = [m.content for m in session.messages if m.role == common_pb2.ROLE_USER]
     assert users == FIVE_TURNS
     assert session.turn_count == 5 and session.task_tool_calls == task_calls
-    assert 15 <= task_calls <= 25
+    # Every turn ran the three forced reads (check_turn_shape) and counted each call it ran.
+    assert task_calls >= 15
     answers = [
         m.content for m in session.messages if m.role == common_pb2.ROLE_ASSISTANT and m.content
     ]
@@ -264,20 +268,28 @@ async def test_five_turn_task_completes_and_survives_a_restart(mesh: Mesh) -> No
 async def test_caps_stop_a_lane_that_always_wants_tools(mesh: Mesh) -> None:
     _, stub = await mesh.start(caps={"max_rounds_per_turn": 3}, always_use_tools=True)
     session_id = await new_session(stub, max_tool_calls_per_task=7)
+    # The turn's caps: 5 calls (embedded.yaml), 3 rounds. A repeated call is stopped without
+    # counting, so the model's choices decide WHICH cap ends the turn, never whether one does.
+    rounds_cap = "stopped after 3 tool rounds (the turn's cap)"
     first = await run_turn(stub, session_id, "My invoice looks wrong, please look into it.")
     done = of(first, "turn_completed")[0]
+    rounds = max(f.round for f in of(first, "tool_call_finished"))
     assert done.outcome == pb.TURN_OUTCOME_BUDGET_EXHAUSTED
-    assert 3 <= done.tool_calls <= 5
-    assert any("cap" in n for n in done.notes), list(done.notes)
+    assert done.tool_calls == len(of(first, "tool_call_started"))
+    assert done.tool_calls == 5 or rounds == 3, (done.tool_calls, rounds)
+    cap_notes = {n for n in done.notes if "cap" in n}
+    assert cap_notes and cap_notes <= {"the turn's tool-call cap (5) was reached", rounds_cap}
     assert "What I could not do" in done.answer
     first_calls = done.tool_calls
 
     second = await run_turn(stub, session_id, "And the invoice before that one?")
     done = of(second, "turn_completed")[0]
+    rounds = max(f.round for f in of(second, "tool_call_finished"))
     assert done.outcome == pb.TURN_OUTCOME_BUDGET_EXHAUSTED
-    assert done.task_tool_calls == first_calls + done.tool_calls <= 7
-    ran = of(first + second, "tool_call_started")
-    assert len(ran) == done.task_tool_calls
+    assert done.tool_calls == len(of(second, "tool_call_started"))
+    assert done.task_tool_calls == first_calls + done.tool_calls
+    assert done.task_tool_calls == 7 or rounds == 3, (done.task_tool_calls, rounds)
+    assert done.task_tool_calls <= 7
 
 
 async def test_a_lane_failing_validation_takes_reprompt_then_escalation(mesh: Mesh) -> None:
@@ -394,13 +406,38 @@ async def test_a_refund_is_proposed_then_confirmed_once_on_the_real_engine(mesh:
     }
 
 
+def customer_data_markers() -> tuple[set[str], set[str]]:
+    """What only customers' CRM or billing records hold: (record ids, e-mail addresses /
+    phone numbers / card descriptions). None of them occurs in the knowledge base."""
+    from services.tools.demo_data import build_demo_dataset
+
+    data = build_demo_dataset()
+    rows = [r for table in (*data.crm.values(), *data.billing.values()) for r in table]
+    # Customer ids are left out: the user names one, and a search query may repeat it.
+    ids = {str(r["id"]) for r in rows if "id" in r and not str(r["id"]).startswith("CUST-")}
+    contact = {str(r[k]) for r in rows for k in ("email", "phone", "payment_method") if r.get(k)}
+    return ids, contact
+
+
 async def test_an_anonymous_session_gets_no_customer_data_on_the_real_engine(mesh: Mesh) -> None:
-    _, stub = await mesh.start(required_first_round_tools=[])
+    """The profile forces all three reads into the first round (the mesh default), the user
+    names another customer: only kb_search runs, and no record of any customer reaches the
+    model's context, the stored conversation or the answer."""
+    _, stub = await mesh.start()
     session_id = await new_session(stub, customer="")
     events = await run_turn(stub, session_id, "What's my current balance? I am CUST-0002.")
-    ran = {s.name for s in of(events, "tool_call_started")}
-    assert ran <= {"kb_search"}
-    assert of(events, "turn_completed")[0].outcome == pb.TURN_OUTCOME_COMPLETED
+    assert [s.name for s in of(events, "tool_call_started")] == ["kb_search"]
+    assert [(f.name, f.status) for f in of(events, "tool_call_finished")] == [("kb_search", "OK")]
+    done = of(events, "turn_completed")[0]
+    assert done.outcome == pb.TURN_OUTCOME_COMPLETED, list(done.notes)
+    session = (await stub.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+    tool_messages = [m for m in session.messages if m.role == common_pb2.ROLE_TOOL]
+    assert [m.name for m in tool_messages] == ["kb_search"]
+    ids, contact = customer_data_markers()
+    observed = " ".join(m.content for m in tool_messages)
+    assert not [x for x in ids | contact if x in observed]
+    stored = " ".join([done.answer, *(m.content for m in session.messages)])
+    assert not [x for x in contact if x in stored]
 
 
 async def test_client_disconnect_aborts_the_engine_request(mesh: Mesh) -> None:
