@@ -230,24 +230,29 @@ async def _unary(start: Callable[[float], Any], timeout_s: float, what: str) -> 
             call.cancel()
             raise
         except grpc.aio.AioRpcError as error:
-            delay = retry_after(error)
-            room = deadline.time_remaining() - MIN_USEFUL_ATTEMPT_S
-            if delay is None or attempt == CAPACITY_ATTEMPTS or delay > room:
+            delay = _capacity_delay(error, attempt, deadline)
+            if delay is None:
                 raise domain_error(error, what) from None
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
 
+def _capacity_delay(error: grpc.aio.AioRpcError, attempt: int, deadline: Deadline) -> float | None:
+    """The wait before attempt ``attempt + 1`` of a call a full lane refused; None: give up
+    (no hint, attempts used up, or too little of the deadline left after the wait)."""
+    delay = retry_after(error)
+    room = deadline.time_remaining() - MIN_USEFUL_ATTEMPT_S
+    if delay is None or attempt >= CAPACITY_ATTEMPTS or delay > room:
+        return None
+    return delay
+
+
 async def _chain(first: Any, call: Any) -> AsyncIterator[Any]:
-    """The stream's first message (already read) and the rest."""
-    yield first
-    while (message := await call.read()) is not grpc.aio.EOF:
+    """The stream's first message (already read; EOF for an empty stream) and the rest."""
+    message = first
+    while message is not grpc.aio.EOF:
         yield message
-
-
-async def _empty() -> AsyncIterator[Any]:
-    return
-    yield
+        message = await call.read()
 
 
 # ---------------------------------------------------------------------- ports
@@ -354,17 +359,15 @@ class GrpcInference:
                 except grpc.aio.AioRpcError as error:
                     # Refused before the first token (the engine's budget is full): like the
                     # unary calls, wait the hint and retry while the deadline has room.
-                    delay = retry_after(error)
-                    room = deadline.time_remaining() - MIN_USEFUL_ATTEMPT_S
-                    if delay is None or attempt == CAPACITY_ATTEMPTS or delay > room:
+                    delay = _capacity_delay(error, attempt, deadline)
+                    if delay is None:
                         raise
                     attempt += 1
                     await asyncio.sleep(delay)
                     call = self._stub.StreamGenerate(
                         request, timeout=max(deadline.time_remaining(), 0.001)
                     )
-            responses = _chain(first, call) if first is not grpc.aio.EOF else _empty()
-            async for response in responses:
+            async for response in _chain(first, call):
                 if response.HasField("summary"):
                     yield ComposeDone(_generation_stats(response.summary))
                 elif response.HasField("tool_calls"):

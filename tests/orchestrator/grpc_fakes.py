@@ -100,6 +100,8 @@ class FakeInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # typ
         self.observe_cancelled = asyncio.Event()
         # CallTools answers RESOURCE_EXHAUSTED (a full lane, with a retry hint) this many times.
         self.full_lane_refusals = 0
+        # StreamGenerate does the same, before its first message, this many times.
+        self.full_stream_refusals = 0
 
     # ------------------------------------------------------------------ helpers
 
@@ -214,6 +216,9 @@ class FakeInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # typ
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[inference_pb2.StreamGenerateResponse]:
         self._record("answer", request, context)
+        if self.full_stream_refusals > 0:
+            self.full_stream_refusals -= 1
+            raise ResourceExhausted("lane workhorse is at capacity", retry_after_s=0.05)
         self.compose_started.set()
         may_call = request.HasField("tool_choice") and request.tool_choice.mode in (
             inference_pb2.ToolChoice.MODE_AUTO,

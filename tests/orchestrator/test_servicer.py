@@ -447,6 +447,19 @@ async def test_a_full_lane_is_retried_after_its_hint_within_the_turn(stub: Any, 
     assert done.tool_calls == 3
 
 
+async def test_a_full_lane_refusing_the_answer_stream_is_retried_after_its_hint(
+    stub: Any, mesh: Mesh
+) -> None:
+    mesh.inference.full_stream_refusals = 2
+    session = await create(stub)
+    events = await turn(stub, session.session_id, "Why was I charged twice?")
+    done = events[-1].turn_completed
+    assert done.outcome == pb.TURN_OUTCOME_COMPLETED
+    assert mesh.inference.kinds().count("answer") == 3  # two refusals, then streamed
+    deltas = "".join(e.compose_delta.text for e in events if e.HasField("compose_delta"))
+    assert done.answer == deltas == mesh.inference.answer
+
+
 async def test_unknown_session_get_and_end_are_not_found(stub: Any) -> None:
     for call in (stub.GetSession, stub.EndSession):
         with pytest.raises(grpc.aio.AioRpcError) as err:
