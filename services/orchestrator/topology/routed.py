@@ -75,17 +75,7 @@ class RoutedInference:
         out = []
         name: str | None = self.resolve(lane)
         while name is not None:
-            out.append(
-                (
-                    name,
-                    LaneRequest(
-                        stage=lane.stage,
-                        escalation_level=lane.escalation_level,
-                        lane=name,
-                        session_id=lane.session_id,
-                    ),
-                )
-            )
+            out.append((name, dataclasses.replace(lane, lane=name)))
             name = self._next_rung(lane, name)
         return out
 
