@@ -19,7 +19,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from services.orchestrator.loop.policy import Caps
 from services.orchestrator.loop.types import Action, ActionState, Message
 from services.orchestrator.sessions import redis_scripts
 from services.orchestrator.sessions.action_rules import check_replacement
@@ -30,6 +29,7 @@ from services.orchestrator.sessions.base import (
     SessionState,
     TurnRecord,
 )
+from services.orchestrator.sessions.record_codec import session_fields, session_from_fields
 from shared.errors import AlreadyExists, NotFound, Unavailable
 
 P = ParamSpec("P")
@@ -115,18 +115,7 @@ class RedisSessionStore:
 
     @_reachable
     async def create(self, record: SessionRecord) -> None:
-        fields: dict[str | bytes, str | int | float] = {
-            "state": record.state.value,
-            "customer_id": record.customer_id,
-            "caps_json": record.caps.model_dump_json(),
-            "turn_count": record.turn_count,
-            "task_tool_calls": record.task_tool_calls,
-            "task_time_used_s": repr(record.task_time_used_s),
-            "created_at": repr(record.created_at),
-            "updated_at": repr(record.updated_at),
-            "metadata_json": json.dumps(record.metadata, sort_keys=True),
-        }
-        flat = [str(item) for pair in fields.items() for item in pair]
+        flat = [str(item) for pair in session_fields(record).items() for item in pair]
         created = await self.client.eval(  # type: ignore[misc]
             redis_scripts.CREATE_IF_ABSENT, 1, self._key(record.session_id), *flat
         )
@@ -152,19 +141,11 @@ class RedisSessionStore:
             data, raw_messages, action_ids, raw_actions = await pipe.execute()
         if not data:
             return None
-        return SessionRecord(
-            session_id=session_id,
-            caps=Caps.model_validate_json(data["caps_json"]),
-            customer_id=data.get("customer_id", ""),
-            state=SessionState(data["state"]),
-            turn_count=int(data.get("turn_count", 0)),
-            task_tool_calls=int(data.get("task_tool_calls", 0)),
-            task_time_used_s=float(data.get("task_time_used_s", 0.0)),
-            created_at=float(data["created_at"]),
-            updated_at=float(data["updated_at"]),
-            metadata=json.loads(data.get("metadata_json", "{}")),
-            messages=[Message.from_dict(json.loads(m)) for m in raw_messages],
-            actions=oldest_first(action_ids, raw_actions),
+        return session_from_fields(
+            session_id,
+            data,
+            [Message.from_dict(json.loads(m)) for m in raw_messages],
+            oldest_first(action_ids, raw_actions),
         )
 
     @_reachable

@@ -18,7 +18,6 @@ from sqlalchemy import and_, delete, func, insert, inspect, or_, select, text, u
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from services.orchestrator.loop.policy import Caps
 from services.orchestrator.loop.types import Action, ActionState, Message
 from services.orchestrator.sessions.action_rules import check_replacement
 from services.orchestrator.sessions.base import (
@@ -28,6 +27,7 @@ from services.orchestrator.sessions.base import (
     SessionState,
     TurnRecord,
 )
+from services.orchestrator.sessions.record_codec import session_fields, session_from_fields
 from services.orchestrator.sessions.sql_schema import (
     action_from_row,
     action_values,
@@ -154,18 +154,7 @@ class SqlSessionStore:
     async def _insert(self, record: SessionRecord) -> None:
         async with self._writing() as conn:
             await conn.execute(
-                insert(self.sessions).values(
-                    session_id=record.session_id,
-                    state=record.state.value,
-                    customer_id=record.customer_id,
-                    caps_json=record.caps.model_dump_json(),
-                    turn_count=record.turn_count,
-                    task_tool_calls=record.task_tool_calls,
-                    task_time_used_s=record.task_time_used_s,
-                    created_at=record.created_at,
-                    updated_at=record.updated_at,
-                    metadata_json=json.dumps(record.metadata, sort_keys=True),
-                )
+                insert(self.sessions).values(session_id=record.session_id, **session_fields(record))
             )
 
     async def get(
@@ -188,19 +177,11 @@ class SqlSessionStore:
                 newest = query.order_by(self.messages.c.seq.desc()).limit(max(last_messages, 0))
                 rows = list(reversed((await conn.execute(newest)).all()))
             actions = await self._actions_of(conn, session_id)
-        return SessionRecord(
-            session_id=row.session_id,
-            caps=Caps.model_validate_json(row.caps_json),
-            customer_id=row.customer_id,
-            state=SessionState(row.state),
-            turn_count=row.turn_count,
-            task_tool_calls=row.task_tool_calls,
-            task_time_used_s=row.task_time_used_s,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            metadata=json.loads(row.metadata_json),
-            messages=[Message.from_dict(json.loads(r.data_json)) for r in rows],
-            actions=actions,
+        return session_from_fields(
+            row.session_id,
+            dict(row._mapping),
+            [Message.from_dict(json.loads(r.data_json)) for r in rows],
+            actions,
         )
 
     async def _actions_of(self, conn: AsyncConnection, session_id: str) -> list[Action]:
