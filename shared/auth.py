@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from shared.config import AuthSettings
-from shared.errors import PermissionDenied, Unauthenticated, to_rich_status
+from shared.errors import PermissionDenied, Unauthenticated, abort_with
 from shared.interceptors import WrappingInterceptor, metadata_value
 
 log = logging.getLogger("agentmesh.auth")
@@ -215,11 +215,6 @@ def _scopes(value: Any) -> frozenset[str]:
     return frozenset()
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Any) -> None:
-    status = to_rich_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-
-
 class AuthInterceptor(WrappingInterceptor):
     """Authenticates, checks the service's scope, publishes the principal for the handler."""
 
@@ -236,11 +231,11 @@ class AuthInterceptor(WrappingInterceptor):
         try:
             principal = self._auth.authenticate(metadata_value(context, "authorization"))
         except Unauthenticated as error:
-            await _abort(context, error)
+            await abort_with(context, error)
             raise  # not reached: abort raises
         scope = self._auth.required_scope(method)
         if scope is not None and not principal.has(scope):
-            await _abort(
+            await abort_with(
                 context,
                 PermissionDenied(
                     f"the caller {principal.name!r} lacks the scope {scope!r}",

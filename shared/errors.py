@@ -8,6 +8,7 @@ exhausted resource). Any other exception becomes INTERNAL without its text.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
 
@@ -171,3 +172,9 @@ def to_rich_status(error: AgentmeshError) -> grpc.Status:
     assert code_pb2.Code.Name(code_value)
     rich: grpc.Status = rpc_status.to_status(status)
     return rich
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: AgentmeshError) -> None:
+    """Ends the RPC with ``error``'s rich status (raises, as ``context.abort`` does)."""
+    status = to_rich_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)

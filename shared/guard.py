@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from shared.config import RequestLimits
-from shared.errors import AgentmeshError, InvalidArgument, to_rich_status
+from shared.errors import AgentmeshError, InvalidArgument, abort_with
 from shared.handler_cache import HandlerCache
 
 log = logging.getLogger("agentmesh.guard")
@@ -74,11 +74,6 @@ def safe_deserializer(
     return deserialize
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: AgentmeshError) -> None:
-    status = to_rich_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-
-
 def _checked(request: Any, check: RequestCheck | None) -> AgentmeshError | None:
     if isinstance(request, Rejected):
         return request.error
@@ -103,7 +98,7 @@ def _guard_behaviour(
         ) -> AsyncIterator[Any]:
             error = _checked(request, check)
             if error is not None:
-                await _abort(context, error)
+                await abort_with(context, error)
             async for item in behaviour(request, context):
                 yield item
 
@@ -112,7 +107,7 @@ def _guard_behaviour(
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         error = _checked(request, check)
         if error is not None:
-            await _abort(context, error)
+            await abort_with(context, error)
         result = behaviour(request, context)
         if inspect.isawaitable(result):
             return await result

@@ -21,7 +21,7 @@ import grpc
 from grpc.aio import AbortError
 
 from shared.deadlines import Deadline, reset_current_deadline, set_current_deadline
-from shared.errors import AgentmeshError, to_rich_status
+from shared.errors import AgentmeshError, abort_with
 from shared.guard import RequestGuardInterceptor
 from shared.handler_cache import HandlerCache
 from shared.logging import reset_request_id, set_request_id
@@ -271,8 +271,7 @@ class ErrorInterceptor(WrappingInterceptor):
         try:
             yield
         except AgentmeshError as error:
-            status = to_rich_status(error)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await abort_with(context, error)
         except AbortError:
             raise
         except grpc.aio.AioRpcError as error:
