@@ -278,7 +278,7 @@ QUESTIONS = ["Why was I charged twice?", "Can you refund it?", "When does it arr
 
 
 async def _conversations(stub: Any) -> dict[str, int]:
-    """Eight sessions, three turns each, sessions interleaved per turn. Returns the cached
+    """Sixteen sessions, three turns each, sessions interleaved per turn. Returns the cached
     prompt tokens of turns 2 and 3 per session."""
     sessions = {}
     for customer in CUSTOMERS:
@@ -335,11 +335,13 @@ async def test_sessions_stick_to_one_replica_and_reuse_its_prefix_cache(topo: To
 async def test_killing_a_replica_moves_only_its_sessions_without_a_failed_turn(
     topo: Topo,
 ) -> None:
-    await topo.deployment("r1", LADDER)
-    await topo.deployment("r2", LADDER)
-    pool = [topo.address("r1"), topo.address("r2")]
+    # Three replicas: after one dies, the sessions of the other two stay where they were.
+    names = ("r1", "r2", "r3")
+    for name in names:
+        await topo.deployment(name, LADDER)
+    pool = [topo.address(n) for n in names]
     server, _ = await topo.orchestrator(dict.fromkeys(LADDER, pool))
-    r1, r2 = topo.fakes["r1"][1], topo.fakes["r2"][1]
+    fakes = {n: topo.fakes[n][1] for n in names}
     channel, stub = await channel_stub(server)
     async with channel:
         sessions = {}
@@ -347,15 +349,25 @@ async def test_killing_a_replica_moves_only_its_sessions_without_a_failed_turn(
             reply = await stub.CreateSession(pb.CreateSessionRequest(customer_id=customer))
             sessions[customer] = reply.session.session_id
             completed(await run_turn(stub, sessions[customer], QUESTIONS[0]))
-        on_r1, on_r2 = r1.customers(), r2.customers()
-        assert on_r1 and on_r2 and not on_r1 & on_r2
-        await topo.kill("r1")
-        r2.served.clear()
+        before = {n: f.customers() for n, f in fakes.items()}
+        assert sum(len(c) for c in before.values()) == len(CUSTOMERS)  # one replica each
+        # The busiest replica dies (never an empty one, whatever the session ids hash to).
+        dead = max(names, key=lambda n: len(before[n]))
+        left = [n for n in names if n != dead]
+        await topo.kill(dead)
+        for fake in fakes.values():
+            fake.served.clear()
         for session_id in sessions.values():
             done = completed(await run_turn(stub, session_id, QUESTIONS[1]))
             assert done.outcome == pb.TURN_OUTCOME_COMPLETED
             assert list(done.notes) == []
-        assert r2.customers() == set(CUSTOMERS)
+        after = {n: f.customers() for n, f in fakes.items()}
+        assert before[dead] and after[dead] == set()
+        assert all(before[n] <= after[n] for n in left)  # the others' sessions stayed
+        assert after[left[0]] | after[left[1]] == set(CUSTOMERS)
+        assert after[left[0]] & after[left[1]] == set()
+        # Only the dead replica's sessions moved.
+        assert set().union(*(after[n] - before[n] for n in left)) == before[dead]
 
 
 async def test_an_overloaded_replica_is_skipped_while_another_has_room(topo: Topo) -> None:
