@@ -3,7 +3,14 @@ one, planner and heavy in the other (one engine each, the embedded SmolLM2). The
 tool calls are cut to 4 tokens (a per-lane override), so under any model output they fail
 validation; the re-prompt fails the same way; the escalation to planner goes to the other
 process, whose calls (200 tokens, grammar-constrained: a 200-character query fits) are
-valid. The events record it."""
+valid. The events record it.
+
+The second process hosts workhorse too (the embedded lanes share one engine, so a replica costs
+no second engine): with both processes in workhorse's pool, the same two engines show what the
+fake-based affinity test (test_topology.py) simulates, on vLLM's real prefix cache: a session's
+next prompt sent to the replica rendezvous hashing picks for it finds its earlier prompt cached
+there, while the other replica (where round-robin would send it) has only the shared system
+prompt. Single-token generations: seconds on top of the escalation turn."""
 
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ from typing import Any
 
 import grpc
 import pytest
+from agentmesh.common.v1 import common_pb2
+from agentmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from agentmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from agentmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
@@ -20,6 +29,9 @@ from services.inference.service import InferenceService
 from services.orchestrator.config import OrchestratorSettings
 from services.orchestrator.loop.policy import Caps
 from services.orchestrator.service import OrchestratorService
+from services.orchestrator.topology.directory import LaneDirectory
+from services.orchestrator.topology.rendezvous import affinity_key
+from services.orchestrator.topology.settings import TopologySettings
 from shared.config import load_settings
 from shared.server import GrpcServer
 from tests.orchestrator.grpc_fakes import start_fake
@@ -43,11 +55,75 @@ def inference(hosted: list[str]) -> GrpcServer:
     return GrpcServer(InferenceService(settings), settings)
 
 
+SYSTEM = "You are the support assistant of Lumen. Answer briefly and politely."
+
+
+def conversation(session: int, turns: int) -> list[common_pb2.ChatMessage]:
+    """A session's prompt after ``turns`` turns: one system prompt shared by every session,
+    then a history of its own (~40 tokens a turn, distinct per session)."""
+    messages = [common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=SYSTEM)]
+    for turn in range(turns):
+        messages += [
+            common_pb2.ChatMessage(
+                role=common_pb2.ROLE_USER,
+                content=f"Session {session}, question {turn}: invoice INV-{session}{turn:03d} "
+                f"shows seat count {7 * session + turn} and a charge of {13 * turn + session} "
+                "euros; which of my plan's seats does it cover?",
+            ),
+            common_pb2.ChatMessage(
+                role=common_pb2.ROLE_ASSISTANT,
+                content=f"For session {session} the invoice covers seats {turn} to {turn + 9}.",
+            ),
+        ]
+    return messages
+
+
+async def cached_tokens(address: str, messages: list[common_pb2.ChatMessage]) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+            inference_pb2.GenerateRequest(
+                messages=messages,
+                lane=inference_pb2.LaneSelector(lane="workhorse"),
+                sampling=inference_pb2.SamplingParams(max_tokens=1, temperature=0.0),
+            ),
+            timeout=600,
+        )
+    return int(reply.usage.cached_prompt_tokens)
+
+
+async def check_replica_affinity(first: GrpcServer, second: GrpcServer) -> None:
+    """Two workhorse replicas (one engine each): per session, its first turn's prompt on the
+    replica the directory ranks first for it, then its next turn's prompt on that replica and,
+    as the round-robin baseline, on the other one. Cached prompt tokens, not times."""
+    pool = [first.address, second.address]
+    directory = LaneDirectory(
+        TopologySettings(lanes={"workhorse": pool}), grpc.aio.insecure_channel
+    )
+    affine = baseline = 0
+    try:
+        assert await directory.refresh() == []
+        for session in (1, 2):
+            key = affinity_key(f"session-{session}", "workhorse")
+            home, other = [e.address for e in directory.candidates("workhorse", key)]
+            await cached_tokens(home, conversation(session, 6))
+            # The session's replica is the same on its next turn.
+            assert directory.candidates("workhorse", key)[0].address == home
+            affine += await cached_tokens(home, conversation(session, 7))
+            baseline += await cached_tokens(other, conversation(session, 7))
+    finally:
+        await directory.close()
+    print(f"cached_prompt_tokens, next turn: affinity {affine}, round-robin {baseline}")
+    # A session's next prompt (~490 tokens) shares ~417 with its last one and ~24 (the system
+    # prompt) with any other session's: most of it is cached on its own replica only.
+    assert affine >= baseline + 2 * 300, (affine, baseline)
+
+
 @pytest.mark.asyncio(loop_scope="session")
 @pytest.mark.usefixtures("without_shared_engine")
 async def test_escalation_crosses_processes(tmp_path: Path) -> None:
     tools_server, tools = await start_fake("tools")
-    first, second = inference(["workhorse"]), inference(["planner", "heavy"])
+    # The second process hosts workhorse too: a second replica of it on the same engine.
+    first, second = inference(["workhorse"]), inference(["workhorse", "planner", "heavy"])
     servers: list[GrpcServer] = [tools_server, first, second]
     try:
         await first.start()
@@ -105,6 +181,9 @@ async def test_escalation_crosses_processes(tmp_path: Path) -> None:
         lanes = {u.lane for u in done.usage}
         assert "planner" in lanes and "workhorse" in lanes
         assert tools.of_tool("kb_search")
+        # The workhorse pool above is the first process alone: the escalated call went to the
+        # second because only it hosts planner, never as a workhorse replica.
+        await check_replica_affinity(first, second)
     finally:
         for server in servers:
             await server.stop(grace=1)
