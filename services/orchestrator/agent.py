@@ -38,6 +38,7 @@ from services.orchestrator.sessions.turn_codec import decode_final, encode_final
 from services.orchestrator.turn_tools import RecordedTools, TurnScope
 from shared.deadlines import Deadline
 from shared.errors import Aborted, AgentmeshError, FailedPrecondition, InvalidArgument, NotFound
+from shared.principal_wire import valid_customer_id
 
 log = logging.getLogger("agentmesh.orchestrator")
 
@@ -107,8 +108,12 @@ class Agent:
             raise InvalidArgument(
                 "session_id", "use 1-64 letters, digits, '-' or '_' (or leave it empty)"
             )
-        if len(customer_id) > 128:
-            raise InvalidArgument("customer_id", "longer than 128 characters")
+        if customer_id and not valid_customer_id(customer_id):
+            # The tools service accepts only this syntax in the principal it enforces: a
+            # session bound to anything else could never use a customer tool.
+            raise InvalidArgument(
+                "customer_id", "use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
+            )
         overrides = {k: v for k, v in (caps_overrides or {}).items() if v}
         try:
             caps = Caps.model_validate({**self._default_caps.model_dump(), **overrides})

@@ -51,6 +51,7 @@ from shared.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from shared.principal_wire import PRINCIPAL_HEADER
 
 INFERENCE_SERVICE = "agentmesh.inference.v1.InferenceService"
 TOOLS_SERVICE = "agentmesh.tools.v1.ToolService"
@@ -62,7 +63,6 @@ INFERENCE_RETRY_METHODS: list[tuple[str, str | None]] = [
     (INFERENCE_SERVICE, "ListLanes"),
     (INFERENCE_SERVICE, "CountTokens"),
 ]
-PRINCIPAL_HEADER = "agentmesh-principal"
 _TOOL_CHOICE = {
     "auto": inference_pb2.ToolChoice.MODE_AUTO,
     "required": inference_pb2.ToolChoice.MODE_REQUIRED,

@@ -8,17 +8,19 @@ as anonymous (or as someone else).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from shared.errors import InvalidArgument
+from shared.principal_wire import (
+    ANONYMOUS,
+    CUSTOMER_PREFIX,
+    PRINCIPAL_HEADER,
+    header_value,
+    valid_customer_id,
+)
 
-PRINCIPAL_HEADER = "agentmesh-principal"
-ANONYMOUS = "anonymous"
-CUSTOMER_PREFIX = "customer:"
-# Conservative: no whitespace, separators or control characters can ride in an id.
-_CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+__all__ = ["ANONYMOUS", "CUSTOMER_PREFIX", "PRINCIPAL_HEADER", "Principal"]
 
 MetadataItems = Iterable[tuple[str, str | bytes]]
 
@@ -35,7 +37,7 @@ class Principal:
 
     @classmethod
     def customer(cls, customer_id: str) -> Principal:
-        if not _CUSTOMER_ID.fullmatch(customer_id):
+        if not valid_customer_id(customer_id):
             raise InvalidArgument(PRINCIPAL_HEADER, "has a malformed customer id")
         return cls(customer_id)
 
@@ -45,7 +47,7 @@ class Principal:
 
     def header_value(self) -> str:
         """The metadata value that parses back to this principal."""
-        return ANONYMOUS if self.customer_id is None else CUSTOMER_PREFIX + self.customer_id
+        return header_value(self.customer_id)
 
     def bound_value(self, argument: str) -> str | None:
         """The value this principal gives a principal-bound ``argument`` (None: it has none)."""

@@ -437,6 +437,20 @@ async def test_caller_chosen_session_id_is_used_once(stub: Any) -> None:
     assert "session_id" in (err.value.details() or "")
 
 
+async def test_a_customer_id_the_tools_service_cannot_bind_is_refused_at_create(
+    stub: Any, mesh: Mesh
+) -> None:
+    """The principal's syntax is one (shared.principal_wire): a session that could never use
+    a customer tool is not created."""
+    for bad in ("CUST 0001", "-CUST", "x" * 65, "CUST-0001\n"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateSession(pb.CreateSessionRequest(customer_id=bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (err.value.details() or "").startswith("customer_id"), err.value.details()
+    session = await stub.CreateSession(pb.CreateSessionRequest(customer_id="CUST-0001"))
+    assert session.session.customer_id == "CUST-0001"
+
+
 async def test_a_full_lane_is_retried_after_its_hint_within_the_turn(stub: Any, mesh: Mesh) -> None:
     mesh.inference.full_lane_refusals = 2
     session = await create(stub)

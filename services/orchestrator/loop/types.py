@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.principal_wire import header_value
+
 
 class Role(enum.Enum):
     SYSTEM = "system"
@@ -131,7 +133,7 @@ class Principal:
 
     def header(self) -> str:
         """The `agentmesh-principal` metadata value the tools service enforces."""
-        return f"customer:{self.customer_id}" if self.customer_id else "anonymous"
+        return header_value(self.customer_id)
 
     def may_use(self, tool: ToolDef) -> bool:
         return not (tool.requires_customer and self.anonymous)
