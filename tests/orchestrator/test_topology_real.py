@@ -91,6 +91,14 @@ async def cached_tokens(address: str, messages: list[common_pb2.ChatMessage]) ->
     return int(reply.usage.cached_prompt_tokens)
 
 
+def engine_sample(server: GrpcServer, name: str) -> float:
+    """A sample of the engine metrics vLLM's stat logger feeds (services/inference/
+    engine_stats.py), summed over its labels, from the service's own registry."""
+    assert isinstance(server.service, InferenceService)
+    registry = server.service.metrics_registry
+    return sum(s.value for m in registry.collect() for s in m.samples if s.name == name)
+
+
 async def check_replica_affinity(first: GrpcServer, second: GrpcServer) -> None:
     """Two workhorse replicas (one engine each): per session, its first turn's prompt on the
     replica the directory ranks first for it, then its next turn's prompt on that replica and,
@@ -116,6 +124,11 @@ async def check_replica_affinity(first: GrpcServer, second: GrpcServer) -> None:
     # A session's next prompt (~490 tokens) shares ~417 with its last one and ~24 (the system
     # prompt) with any other session's: most of it is cached on its own replica only.
     assert affine >= baseline + 2 * 300, (affine, baseline)
+    # The real engines' own stat loggers saw the same hits (the model-server metrics an
+    # inference scheduler reads), and their prompt lookups.
+    hits = sum(engine_sample(s, "vllm:prefix_cache_hits_total") for s in (first, second))
+    queries = sum(engine_sample(s, "vllm:prefix_cache_queries_total") for s in (first, second))
+    assert hits >= affine + baseline and queries > hits, (hits, queries)
 
 
 @pytest.mark.asyncio(loop_scope="session")
