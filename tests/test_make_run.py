@@ -97,6 +97,10 @@ async def test_up_serves_health_reflection_and_the_readme_commands(tmp_path: Pat
         # The prepared model is shared with the other tests: convert it once.
         "AGENTMESH_INFERENCE_MODEL_CACHE_DIR": str(REPO / "var" / "models"),
         "AGENTMESH_INFERENCE_CPU_KVCACHE_GIB": "1",
+        # The one override of the agent: the 135M model's plan decides which tools run, so the
+        # first round is made to include crm_lookup (the engine still writes its arguments)
+        # and the README's turns are checked for a finished tool call.
+        "AGENTMESH_ORCHESTRATOR_PROFILE__REQUIRED_FIRST_ROUND_TOOLS": '["crm_lookup"]',
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -138,8 +142,14 @@ async def test_up_serves_health_reflection_and_the_readme_commands(tmp_path: Pat
                 "ExecuteTool": ['"TOOL_RESULT_STATUS_OK"', "CUST-0001"],
                 "ExecuteTools": ['"call_id": "a"', '"call_id": "b"'],
                 "CreateSession": ['"demo-1"'],
-                # Which tools run is the plan's choice (the small model's): not asserted here.
-                "RunTurn": ['"turn_started"', '"plan"', '"turn_completed"', '"llm_stages"'],
+                "RunTurn": [
+                    '"turn_started"',
+                    '"plan"',
+                    '"tool_call_finished"',
+                    '"crm_lookup"',
+                    '"turn_completed"',
+                    '"llm_stages"',
+                ],
                 "GetSession": ['"ROLE_USER"', '"ROLE_ASSISTANT"'],
             }.get(method, [])
             for fragment in expected:
@@ -149,7 +159,7 @@ async def test_up_serves_health_reflection_and_the_readme_commands(tmp_path: Pat
         )
         code, out = await _run([sys.executable, "-c", example], timeout_s=600)
         assert code == 0, out
-        assert "total" in out, out
+        assert "[crm_lookup: OK]" in out and "total" in out, out
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 180) == 0, "".join(output[-80:])
         assert "exit codes" in "".join(output)
