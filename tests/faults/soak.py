@@ -78,12 +78,14 @@ async def _worker(index: int, address: str, until: float, tally: Tally) -> None:
             text = QUESTIONS[turn % len(QUESTIONS)]
             started = time.monotonic()
             while True:
+                completed = False
                 try:
                     request = pb.RunTurnRequest(
                         session_id=sid, user_message=text, request_id=request_id
                     )
                     async for event in stub.RunTurn(request, timeout=600):
                         if event.HasField("turn_completed"):
+                            completed = True
                             outcome = pb.TurnOutcome.Name(event.turn_completed.outcome)
                             tally.outcomes[outcome.removeprefix("TURN_OUTCOME_")] += 1
                 except grpc.aio.AioRpcError as err:
@@ -94,6 +96,9 @@ async def _worker(index: int, address: str, until: float, tally: Tally) -> None:
                         await asyncio.sleep(hint)
                         continue
                     tally.errors[err.code().name] += 1
+                    break
+                if not completed:  # an OK stream without its TurnCompleted: a lost turn
+                    tally.errors["OK without turn_completed"] += 1
                     break
                 tally.turns += 1
                 tally.durations.append(time.monotonic() - started)
