@@ -77,7 +77,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     ]
     fired = {c["alertname"] for c in cases if c["exp_alerts"]}
     quiet = {c["alertname"] for c in cases if not c["exp_alerts"]}
-    assert alerts == fired | {"AgentmeshReplayStale"}
+    assert alerts == fired
     assert alerts == quiet
 
 
