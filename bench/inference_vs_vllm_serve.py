@@ -2,7 +2,8 @@
 
     python -m bench.inference_vs_vllm_serve [--max-tokens 32] [--levels 1,16] [--calltools-reps 3]
 
-Phase 1 runs our gRPC service in this process (embedded preset, workhorse lane); phase 2
+Phase 1 runs our gRPC service in its own process (bench/serve_child.py: the production
+bootstrap, embedded preset, workhorse lane); phase 2
 runs ``vllm serve`` (its OpenAI server module) as a subprocess on 127.0.0.1 with
 ``--enable-auto-tool-choice --tool-call-parser hermes`` and the chat template we ship, built
 from the same lane's engine
@@ -129,23 +130,65 @@ async def bench_ours(args: argparse.Namespace) -> Side:
     from agentmesh.inference.v1 import inference_pb2 as pb
     from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 
-    from bench.sections import workhorse
-    from services.inference.service import InferenceService
-    from shared.server import GrpcServer
-
-    bl = workhorse(args, host="127.0.0.1", port=0, metrics_port=0)
-    settings, lanes = bl.settings, bl.lanes
-    lanes.lanes["workhorse"].max_concurrency = max(64, max(args.levels) * 2)
-    service = InferenceService(settings, lanes)
-    server = GrpcServer(service, settings)
+    port = free_port()
+    # The service in its own process (bench/serve_child.py: the production bootstrap on the
+    # workhorse lane), like `vllm serve` below; this process is only the client.
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.serve_child",
+        "--port",
+        str(port),
+        "--kvcache-gib",
+        str(args.kvcache_gib),
+        "--max-concurrency",
+        str(max(64, max(args.levels) * 2)),
+    ]
+    for flag in ("preset", "device", "model", "load_format"):
+        value = getattr(args, flag, None)
+        if value:
+            cmd += ["--" + flag.replace("_", "-"), str(value)]
+    log_path = Path(args.vllm_log).with_name("bench-inference-service.log")
+    print("[ours] " + " ".join(cmd), flush=True)
+    proc, log_file = launch(cmd, log_path)
     side = Side("agentmesh")
     t0 = time.monotonic()
-    await server.start()
-    await server.wait_until_serving(900)
-    print(f"[ours] engine ready in {time.monotonic() - t0:.1f}s", flush=True)
-    channel = grpc.aio.insecure_channel(server.address)
-    stub = pb_grpc.InferenceServiceStub(channel)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        await wait_serving(channel, proc, log_path)
+        print(f"[ours] service ready in {time.monotonic() - t0:.1f}s", flush=True)
+        stub = pb_grpc.InferenceServiceStub(channel)
+        await measure_ours(args, side, stub, pb, common_pb2)
+    finally:
+        await channel.close()
+        await asyncio.to_thread(stop, proc, log_file)
+    return side
 
+
+async def wait_serving(channel: Any, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Until the service's overall health is SERVING (its engine is warm)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    began = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the inference service exited ({proc.returncode}); see {log_path}")
+        try:
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        if time.monotonic() - began > 900:
+            raise RuntimeError("the inference service did not become SERVING")
+        await asyncio.sleep(1)
+
+
+async def measure_ours(
+    args: argparse.Namespace, side: Side, stub: Any, pb: Any, common_pb2: Any
+) -> None:
     def msgs(user: str) -> list[Any]:
         return [
             common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=SYSTEM),
@@ -168,55 +211,50 @@ async def bench_ours(args: argparse.Namespace) -> Side:
                 tokens = event.summary.usage.completion_tokens
         return ttft, tokens
 
-    try:
-        await sweep_levels(one, args, side, "ours")
-        for rep in range(getattr(args, "prefix_reps", 0)):
-            # A plan-sized system prompt never seen before (cold), then the same one with
-            # another question (warm: the prefix cache serves everything before it).
-            head = f"[{rep}-{time.time_ns()}] {SYSTEM} " + PLAN_PREFIX
-            cold = await first_token(stub, pb, common_pb2, head, PROMPTS[0])
-            warm = await first_token(stub, pb, common_pb2, head, PROMPTS[1])
-            side.prefix_cold.append(cold)
-            side.prefix_warm.append(warm)
+    await sweep_levels(one, args, side, "ours")
+    for rep in range(getattr(args, "prefix_reps", 0)):
+        # A plan-sized system prompt never seen before (cold), then the same one with
+        # another question (warm: the prefix cache serves everything before it).
+        head = f"[{rep}-{time.time_ns()}] {SYSTEM} " + PLAN_PREFIX
+        cold = await first_token(stub, pb, common_pb2, head, PROMPTS[0])
+        warm = await first_token(stub, pb, common_pb2, head, PROMPTS[1])
+        side.prefix_cold.append(cold)
+        side.prefix_warm.append(warm)
 
-        specs = [
-            common_pb2.ToolSpec(
-                name=n,
-                description=t["description"],
-                parameters_json_schema=json.dumps(t["parameters"]),
-            )
-            for n, t in TOOLS.items()
-        ]
+    specs = [
+        common_pb2.ToolSpec(
+            name=n,
+            description=t["description"],
+            parameters_json_schema=json.dumps(t["parameters"]),
+        )
+        for n, t in TOOLS.items()
+    ]
 
-        async def call_tools(names: list[str]) -> tuple[float, int]:
-            start = time.monotonic()
-            reply = await stub.CallTools(
-                pb.CallToolsRequest(
-                    messages=msgs(TOOL_USER),
-                    tools=specs,
-                    parallel=True,
-                    tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_NAMED, names=names),
-                    lane=pb.LaneSelector(lane="workhorse"),
-                ),
-                timeout=600,
-            )
-            ok = sum(c.outcome == pb.PARSE_OUTCOME_OK for c in reply.calls)
-            return time.monotonic() - start, ok
+    async def call_tools(names: list[str]) -> tuple[float, int]:
+        start = time.monotonic()
+        reply = await stub.CallTools(
+            pb.CallToolsRequest(
+                messages=msgs(TOOL_USER),
+                tools=specs,
+                parallel=True,
+                tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_NAMED, names=names),
+                lane=pb.LaneSelector(lane="workhorse"),
+            ),
+            timeout=600,
+        )
+        ok = sum(c.outcome == pb.PARSE_OUTCOME_OK for c in reply.calls)
+        return time.monotonic() - start, ok
 
-        await call_tools(["crm_lookup"])  # grammar compile + prefix cache warm
-        ok_total = calls_total = 0
-        for _ in range(args.calltools_reps):
-            t1, ok1 = await call_tools(["crm_lookup"])
-            t3, ok3 = await call_tools(list(TOOLS))
-            side.tools1.append(t1)
-            side.tools3.append(t3)
-            ok_total += ok1 + ok3
-            calls_total += 4
-        side.tools_ok = f"{ok_total}/{calls_total}"
-    finally:
-        await channel.close()
-        await server.stop(grace=2)
-    return side
+    await call_tools(["crm_lookup"])  # grammar compile + prefix cache warm
+    ok_total = calls_total = 0
+    for _ in range(args.calltools_reps):
+        t1, ok1 = await call_tools(["crm_lookup"])
+        t3, ok3 = await call_tools(list(TOOLS))
+        side.tools1.append(t1)
+        side.tools3.append(t3)
+        ok_total += ok1 + ok3
+        calls_total += 4
+    side.tools_ok = f"{ok_total}/{calls_total}"
 
 
 # The plan stage's prompt carries the tool registry: a stand-in of the same size (~1,000

@@ -313,10 +313,13 @@ class InferenceCore:
             self.live_requests.pop(request_id, None)
 
     async def _collect(self, lane: Lane, ids: list[int], params: GenParams) -> GenResult:
+        """A generation nobody streams: the engine sends its first token (the time to first
+        token) and then the rest in one delta at the end."""
         started = time.monotonic()
         result = GenResult(prompt_tokens=len(ids))
         parts: list[str] = []
-        async for delta in self._deltas(lane, ids, params):
+        whole = replace(params, stream_interval=max(1, params.max_tokens))
+        async for delta in self._deltas(lane, ids, whole):
             result.add(delta, started)
             parts.append(delta.text)
         result.text = "".join(parts)

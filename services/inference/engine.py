@@ -50,6 +50,9 @@ class GenParams:
     # An EBNF grammar (xgrammar dialect) the whole output must match (JSON schemas are
     # compiled to one by the caller).
     grammar: str | None = None
+    # Output tokens gathered into one delta after the first (vLLM's stream_interval);
+    # None: the engine's default (every token).
+    stream_interval: int | None = None
 
 
 @dataclass
@@ -226,6 +229,7 @@ class VllmEngine:
             stop=list(params.stop) or None,
             structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
+            stream_interval=params.stream_interval,
         )
 
     async def generate(

@@ -50,4 +50,5 @@ def gen_params(
         top_p=sampling.top_p if sampling.HasField("top_p") else defaults.top_p,
         seed=sampling.seed if sampling.HasField("seed") else None,
         stop=tuple(sampling.stop),
+        stream_interval=defaults.stream_interval,
     )

@@ -277,3 +277,26 @@ async def test_invalid_tool_schema_is_invalid_argument_naming_the_tool(
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "refund_payment" in (err.value.details() or "")
+
+
+async def test_stream_interval_coalesces_deltas_without_changing_the_output(
+    inference_stack: InferenceStack,
+) -> None:
+    """vLLM honours the per-request stream_interval the service sets: a collected generation
+    (interval = max_tokens) arrives as its first token then the rest, with the same text and
+    token count as the every-token stream of the same greedy generation."""
+    from services.inference.engine import GenParams
+
+    engine = inference_stack.service.core.engines["engine-0"]
+    ids = engine.encode("<|im_start|>user\nCount from 1 to 30.<|im_end|>\n<|im_start|>assistant\n")
+
+    async def run(interval: int) -> list[tuple[str, int]]:
+        params = GenParams(max_tokens=24, temperature=0.0, stream_interval=interval)
+        request_id = f"interval-{interval}-{uuid.uuid4().hex[:8]}"
+        return [(d.text, d.new_tokens) async for d in engine.generate(ids, params, request_id)]
+
+    every = await run(1)
+    whole = await run(24)
+    assert "".join(t for t, _ in whole) == "".join(t for t, _ in every)
+    assert sum(n for _, n in whole) == sum(n for _, n in every) == 24
+    assert len(whole) <= 2 < len(every)
