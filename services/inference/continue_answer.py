@@ -18,7 +18,7 @@ from agentmesh.inference.v1 import inference_pb2 as pb
 from services.inference.config import LaneSpec, SamplingDefaults, ToolCallFormat
 from services.inference.prompt import ToolDef
 from services.inference.tool_calls import (
-    TOOL_CALL_OPENER,
+    CALL_SHAPES,
     GrammarBuilder,
     ParsedCall,
     new_call_id,
@@ -38,8 +38,8 @@ class Path(enum.Enum):
 
 def _openers(fmt: ToolCallFormat) -> tuple[str, ...]:
     if fmt is ToolCallFormat.HERMES:
-        return (TOOL_CALL_OPENER[fmt],)
-    return (TOOL_CALL_OPENER[fmt], PYTHON_TAG)
+        return (CALL_SHAPES[fmt].marker,)
+    return (CALL_SHAPES[fmt].marker, PYTHON_TAG)
 
 
 @dataclass

@@ -23,7 +23,8 @@ from agentmesh.common.v1 import common_pb2
 from agentmesh.inference.v1 import inference_pb2 as pb
 from prometheus_client import CollectorRegistry, Gauge
 
-from services.inference.config import InferenceSettings, LanesConfig, StageName, ToolCallFormat
+from services.inference.call_tools import ToolCallStage
+from services.inference.config import InferenceSettings, LanesConfig, StageName
 from services.inference.continue_answer import ContinueOrAnswer, continue_or_answer
 from services.inference.counting import count_all
 from services.inference.dtype import DtypeChoice
@@ -49,13 +50,7 @@ from services.inference.prompt import PromptRenderer, ToolDef, messages_to_dicts
 from services.inference.results import FINISH, GenResult, Metrics, duration, emitted
 from services.inference.router import LaneRouter, RouteChoice
 from services.inference.sampling import gen_params, validate_sampling
-from services.inference.tool_calls import (
-    GrammarBuilder,
-    ParsedCall,
-    json_schema_grammar,
-    parse_calls,
-    parse_selection,
-)
+from services.inference.tool_calls import GrammarBuilder, ParsedCall, json_schema_grammar
 from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 T = TypeVar("T")
@@ -98,6 +93,7 @@ class InferenceCore:
         self.settings = settings
         self.router = LaneRouter(lanes_config.hosted(), list(lanes_config.lanes.values()))
         self.grammars = GrammarBuilder()
+        self.tool_stage = ToolCallStage(self)
         self.metrics = Metrics(registry or CollectorRegistry())
         self.engines: dict[str, Engine] = {}
         self.lanes: dict[str, Lane] = {}
@@ -201,14 +197,14 @@ class InferenceCore:
                 log.exception("engine shutdown failed")
         self._cpu.shutdown(wait=False, cancel_futures=True)
 
-    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(
             self._cpu, functools.partial(fn, *args)
         )
 
     # ---- request preparation ----------------------------------------------------------------
 
-    async def _route(self, selector: pb.LaneSelector) -> tuple[Lane, RouteChoice]:
+    async def route(self, selector: pb.LaneSelector) -> tuple[Lane, RouteChoice]:
         stage = _STAGES.get(selector.stage)
         choice = self.router.choose(selector.lane, stage, selector.escalation_level)
         lane = self.lanes[choice.lane.name]
@@ -217,24 +213,29 @@ class InferenceCore:
 
     def _tokenize(self, lane: Lane, prompt: str, max_tokens: int) -> tuple[list[int], int]:
         ids = lane.engine.encode(prompt)
+        return ids, min(max_tokens, self.prompt_room(lane, len(ids)))
+
+    def prompt_room(self, lane: Lane, prompt_tokens: int) -> int:
+        """Tokens left for the output after a prompt of ``prompt_tokens``; none is
+        INVALID_ARGUMENT (PROMPT_TOO_LONG)."""
         limit = lane.engine.max_model_len
-        if len(ids) >= limit:
+        if prompt_tokens >= limit:
             raise InvalidArgument(
                 "messages",
-                f"prompt is {len(ids)} tokens; lane {lane.name!r} holds {limit} tokens "
+                f"prompt is {prompt_tokens} tokens; lane {lane.name!r} holds {limit} tokens "
                 "including the output",
                 reason="PROMPT_TOO_LONG",
-                metadata={"prompt_tokens": str(len(ids)), "max_model_len": str(limit)},
+                metadata={"prompt_tokens": str(prompt_tokens), "max_model_len": str(limit)},
             )
-        return ids, min(max_tokens, limit - len(ids))
+        return limit - prompt_tokens
 
-    def _params(
+    def lane_params(
         self, lane: Lane, sampling: pb.SamplingParams, default_max: int | None = None
     ) -> GenParams:
         validate_sampling(sampling, lane.engine.max_model_len)
         return gen_params(lane.spec.sampling, sampling, default_max)
 
-    def _render_tokenize(
+    def render_tokenize(
         self,
         lane: Lane,
         messages: list[dict[str, Any]],
@@ -242,7 +243,7 @@ class InferenceCore:
         max_tokens: int,
         with_few_shot: bool = False,
     ) -> tuple[list[int], int]:
-        """Blocking: the prompt exactly as the engine gets it (run through _off_loop)."""
+        """Blocking: the prompt exactly as the engine gets it (run through off_loop)."""
         prompt = lane.renderer.render(messages, tools, with_few_shot=with_few_shot)
         return self._tokenize(lane, prompt, max_tokens)
 
@@ -251,7 +252,7 @@ class InferenceCore:
     ) -> Prepared:
         messages = messages_to_dicts(req.messages)
         tools = parse_tools(req.tools)
-        lane, choice = await self._route(req.lane)
+        lane, choice = await self.route(req.lane)
         splitter = None
         default_max = None
         if isinstance(req, pb.StreamGenerateRequest):
@@ -260,14 +261,14 @@ class InferenceCore:
             )
             if splitter is not None:
                 default_max = splitter.default_max_tokens(lane.spec.sampling)
-        params = self._params(lane, req.sampling, default_max)
+        params = self.lane_params(lane, req.sampling, default_max)
         grammar = None
         if req.response_format.json_schema:
             grammar = self._response_grammar(req.response_format.json_schema)
         if splitter is not None:
-            grammar = await self._off_loop(splitter.grammar, self.grammars)
-        ids, max_tokens = await self._off_loop(
-            self._render_tokenize, lane, messages, tools, params.max_tokens
+            grammar = await self.off_loop(splitter.grammar, self.grammars)
+        ids, max_tokens = await self.off_loop(
+            self.render_tokenize, lane, messages, tools, params.max_tokens
         )
         return Prepared(
             lane, choice, ids, replace(params, max_tokens=max_tokens, grammar=grammar), splitter
@@ -312,7 +313,7 @@ class InferenceCore:
         finally:
             self.live_requests.pop(request_id, None)
 
-    async def _collect(self, lane: Lane, ids: list[int], params: GenParams) -> GenResult:
+    async def collect(self, lane: Lane, ids: list[int], params: GenParams) -> GenResult:
         """A generation nobody streams: the engine sends its first token (the time to first
         token) and then the rest in one delta at the end."""
         started = time.monotonic()
@@ -326,19 +327,19 @@ class InferenceCore:
         self.metrics.account(lane.name, result, time.monotonic() - started)
         return result
 
-    def _choice(self, lane: Lane, choice: RouteChoice) -> pb.LaneChoice:
+    def lane_choice(self, lane: Lane, choice: RouteChoice) -> pb.LaneChoice:
         return pb.LaneChoice(lane=lane.name, model=lane.spec.model, reason=choice.reason)
 
     async def generate(self, req: pb.GenerateRequest) -> pb.GenerateResponse:
         started = time.monotonic()
         prep = await self._prepare_generate(req)
-        async with self._slot(prep.lane):
-            result = await self._collect(prep.lane, prep.prompt_ids, prep.params)
+        async with self.slot(prep.lane):
+            result = await self.collect(prep.lane, prep.prompt_ids, prep.params)
         return pb.GenerateResponse(
             text=result.text,
             usage=result.usage(),
             finish_reason=FINISH[result.finish],
-            lane=self._choice(prep.lane, prep.choice),
+            lane=self.lane_choice(prep.lane, prep.choice),
             time_to_first_token=duration(result.ttft_s),
             elapsed=duration(time.monotonic() - started),
         )
@@ -349,7 +350,7 @@ class InferenceCore:
         started = time.monotonic()
         prep = await self._prepare_generate(req)
         lane, splitter = prep.lane, prep.splitter
-        async with self._slot(lane):
+        async with self.slot(lane):
             result = GenResult(prompt_tokens=len(prep.prompt_ids))
             async for delta in self._deltas(lane, prep.prompt_ids, prep.params):
                 result.add(delta, started)
@@ -363,7 +364,7 @@ class InferenceCore:
                 yield pb.StreamGenerateResponse(text_delta=tail)
             calls = splitter.calls()
             if calls is not None:
-                self._count_calls(lane, calls)
+                self.count_calls(lane, calls)
                 yield pb.StreamGenerateResponse(
                     tool_calls=pb.ToolCallsEmitted(calls=[emitted(c) for c in calls])
                 )
@@ -371,18 +372,18 @@ class InferenceCore:
             summary=pb.GenerationSummary(
                 usage=result.usage(),
                 finish_reason=FINISH[result.finish],
-                lane=self._choice(lane, prep.choice),
+                lane=self.lane_choice(lane, prep.choice),
                 time_to_first_token=duration(result.ttft_s),
                 elapsed=duration(time.monotonic() - started),
             )
         )
 
-    def _count_calls(self, lane: Lane, calls: Sequence[ParsedCall]) -> None:
+    def count_calls(self, lane: Lane, calls: Sequence[ParsedCall]) -> None:
         for call in calls:
             self.metrics.calls.labels(lane.name, "ok" if call.ok else "failed").inc()
 
     @contextlib.asynccontextmanager
-    async def _slot(self, lane: Lane, sequences: int = 1) -> AsyncIterator[None]:
+    async def slot(self, lane: Lane, sequences: int = 1) -> AsyncIterator[None]:
         """The lane's RPC slot and ``sequences`` of its engine's budget, or an immediate
         RESOURCE_EXHAUSTED with a retry hint (nothing queues)."""
         await self.board.require_serving(lane)
@@ -398,159 +399,8 @@ class InferenceCore:
     # ---- CallTools -------------------------------------------------------------------------
 
     async def call_tools(self, req: pb.CallToolsRequest) -> pb.CallToolsResponse:
-        """The tool-call stage. Plans (every one on the same rendered prompt, so the prefix
-        cache serves all generations of a request):
-
-        - named + parallel (or any named on a llama3_json lane): one generation per named tool,
-          each under that tool's grammar, submitted together so the engine batches them;
-        - named, not parallel (hermes): one generation under "exactly these calls in order";
-        - auto/required + parallel: a selection generation (a JSON list of tool names) then one
-          generation per selected tool, together;
-        - auto/required, not parallel: one generation allowing 1..max_calls calls (0 = free
-          text too, for auto); llama3_json lanes allow exactly one call per generation.
-
-        Unspecified mode means auto. Unconstrained decoding drops every grammar (to measure).
-        """
-        started = time.monotonic()
-        messages = messages_to_dicts(req.messages)
-        if not req.tools:
-            raise InvalidArgument("tools", "at least one tool is required")
-        tools = parse_tools(req.tools)
-        lane, choice = await self._route(req.lane)
-        fmt = lane.spec.tool_call_format
-        self.grammars.check_tools(tools, fmt)
-        max_calls = req.max_calls or self.settings.default_max_tool_calls
-        mode = req.tool_choice.mode or pb.ToolChoice.MODE_AUTO
-        constrained = req.decoding != pb.DECODING_MODE_UNCONSTRAINED
-        by_name = {t.name: t for t in tools}
-        named: list[ToolDef] = []
-        if mode == pb.ToolChoice.MODE_NAMED:
-            if not req.tool_choice.names:
-                raise InvalidArgument("tool_choice.names", "named mode needs at least one name")
-            for i, name in enumerate(req.tool_choice.names):
-                if name not in by_name:
-                    raise InvalidArgument(
-                        f"tool_choice.names[{i}]", f"tool {name!r} is not among the request's tools"
-                    )
-                named.append(by_name[name])
-            if len(named) > max_calls:
-                raise InvalidArgument(
-                    "tool_choice.names", f"{len(named)} tools named but max_calls is {max_calls}"
-                )
-        per_call = lane.spec.sampling.tool_call_max_tokens
-        base = self._params(lane, req.sampling, default_max=per_call)
-        ids, _ = await self._off_loop(
-            self._render_tokenize, lane, messages, tools, base.max_tokens, True
-        )
-        room = lane.engine.max_model_len - len(ids)
-
-        def params(grammar: str | None, max_tokens: int) -> GenParams:
-            return GenParams(
-                max_tokens=max(1, min(max_tokens, room)),
-                temperature=base.temperature,
-                top_p=base.top_p,
-                seed=base.seed,
-                stop=base.stop,
-                grammar=grammar if constrained else None,
-            )
-
-        results: list[GenResult] = []
-        calls: list[ParsedCall] = []
-        # Sequences this request may hold at once: one per named tool in parallel, the
-        # selection plus up to max_calls argument generations, else one.
-        if named and (req.parallel or fmt is ToolCallFormat.LLAMA3_JSON):
-            sequences = len(named)
-        elif req.parallel and not named:
-            sequences = max_calls + 1
-        else:
-            sequences = 1
-        async with self._slot(lane, sequences):
-            if named and (req.parallel or fmt is ToolCallFormat.LLAMA3_JSON):
-                calls = await self._parallel(lane, ids, named, fmt, params, base, results)
-            elif named:
-                grammar = self.grammars.sequence(named, fmt)
-                res = await self._collect(lane, ids, params(grammar, base.max_tokens * len(named)))
-                results.append(res)
-                calls = parse_calls(res.text, tools, fmt)
-                for call, tool in zip(calls, named, strict=False):
-                    if call.ok and call.name != tool.name:
-                        call.ok, call.error = False, f"expected a call of {tool.name!r}"
-            elif req.parallel:
-                min_calls = 1 if mode == pb.ToolChoice.MODE_REQUIRED else 0
-                sel_grammar = self.grammars.selection(tools, min_calls, max_calls)
-                sel = await self._collect(lane, ids, params(sel_grammar, 16 * max_calls + 8))
-                results.append(sel)
-                picked = parse_selection(sel.text, tools, max_calls)
-                if picked is None:
-                    calls = [
-                        ParsedCall("", "", "", False, "tool selection is not a JSON list", sel.text)
-                    ]
-                elif picked:
-                    chosen = [by_name[n] for n in picked]
-                    calls = await self._parallel(lane, ids, chosen, fmt, params, base, results)
-            else:
-                min_calls = 1 if mode == pb.ToolChoice.MODE_REQUIRED else 0
-                grammar = self.grammars.calls(tools, fmt, min_calls, max_calls)
-                budget = base.max_tokens * (1 if fmt is ToolCallFormat.LLAMA3_JSON else max_calls)
-                res = await self._collect(lane, ids, params(grammar, budget))
-                results.append(res)
-                calls = parse_calls(res.text, tools, fmt)
-                if not calls and min_calls:
-                    calls = [ParsedCall("", "", "", False, "no tool call in the output", res.text)]
-        calls = calls[:max_calls]
-        self._count_calls(lane, calls)
-        usage = common_pb2.Usage(
-            prompt_tokens=sum(r.prompt_tokens for r in results),
-            completion_tokens=sum(r.completion_tokens for r in results),
-            cached_prompt_tokens=sum(r.cached_tokens for r in results),
-        )
-        return pb.CallToolsResponse(
-            calls=[emitted(c) for c in calls],
-            usage=usage,
-            lane=self._choice(lane, choice),
-            generations=len(results),
-            elapsed=duration(time.monotonic() - started),
-        )
-
-    async def _parallel(
-        self,
-        lane: Lane,
-        ids: list[int],
-        tools: Sequence[ToolDef],
-        fmt: ToolCallFormat,
-        params: Callable[[str | None, int], GenParams],
-        base: GenParams,
-        results: list[GenResult],
-    ) -> list[ParsedCall]:
-        """One generation per tool, all submitted at once so the engine batches them."""
-        tasks = [
-            asyncio.ensure_future(
-                self._collect(lane, ids, params(self.grammars.single_tool(t, fmt), base.max_tokens))
-            )
-            for t in tools
-        ]
-        try:
-            outs = await asyncio.gather(*tasks)
-        except BaseException:
-            # One failed (or we were cancelled): don't leave the siblings running in the engine.
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
-        calls: list[ParsedCall] = []
-        for tool, res in zip(tools, outs, strict=True):
-            results.append(res)
-            parsed = parse_calls(res.text, tools, fmt, expected=tool.name)
-            if not parsed:
-                parsed = [
-                    ParsedCall("", tool.name, "", False, "no tool call in the output", res.text)
-                ]
-            first = parsed[0]
-            if not first.name:
-                first.name = tool.name  # the call this generation was for, even if cut short
-            calls.append(first)
-        return calls
+        """The tool-call stage (services/inference/call_tools.py)."""
+        return await self.tool_stage.call_tools(req)
 
     # ---- ListLanes -------------------------------------------------------------------------
 
@@ -584,7 +434,7 @@ class InferenceCore:
         the lane is at its cap)."""
         messages = messages_to_dicts(req.messages) if req.messages else None
         tools = parse_tools(req.tools)
-        lane, choice = await self._route(req.lane)
+        lane, choice = await self.route(req.lane)
 
         def work() -> Any:
             prompt = None
@@ -592,11 +442,11 @@ class InferenceCore:
                 prompt = lane.renderer.render(messages, tools)
             return count_all(lane.engine, prompt, req.messages, req.texts, req.truncate_texts_to)
 
-        counts = await self._off_loop(work)
+        counts = await self.off_loop(work)
         return pb.CountTokensResponse(
             prompt_tokens=counts.prompt_tokens,
             max_model_len=lane.engine.max_model_len,
-            lane=self._choice(lane, choice),
+            lane=self.lane_choice(lane, choice),
             message_tokens=counts.message_tokens,
             texts=counts.texts,
         )

@@ -23,9 +23,35 @@ from services.inference.prompt import ToolDef
 from shared.errors import InvalidArgument
 
 COMPACT = (",", ":")
-_ARG_KEY = {ToolCallFormat.HERMES: "arguments", ToolCallFormat.LLAMA3_JSON: "parameters"}
-HERMES_OPEN = "<tool_call>\n"
-HERMES_CLOSE = "\n</tool_call>"
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """How one call is written in a format: ``wrap_open``, the compact JSON object
+    ``{"name":"<tool>","<args_key>":{...}}``, ``wrap_close``."""
+
+    args_key: str
+    # What a call opens with (llama3_json: after optional whitespace).
+    marker: str
+    wrap_open: str = ""
+    wrap_close: str = ""
+
+    def opener(self, name: str) -> str:
+        """Everything before the arguments object: fixed once the tool is named (prefilled)."""
+        return f'{self.wrap_open}{{"name":{json.dumps(name)},"{self.args_key}":'
+
+    @property
+    def closer(self) -> str:
+        """Everything after the arguments object."""
+        return "}" + self.wrap_close
+
+
+CALL_SHAPES = {
+    ToolCallFormat.HERMES: CallShape(
+        "arguments", "<tool_call>", wrap_open="<tool_call>\n", wrap_close="\n</tool_call>"
+    ),
+    ToolCallFormat.LLAMA3_JSON: CallShape("parameters", "{"),
+}
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
@@ -49,7 +75,7 @@ def ebnf_literal(text: str) -> str:
 
 def call_object_schema(tool: ToolDef, fmt: ToolCallFormat) -> dict[str, Any]:
     """Schema of one call object in the lane's format: name first, then its arguments."""
-    key = _ARG_KEY[fmt]
+    key = CALL_SHAPES[fmt].args_key
     return {
         "type": "object",
         "properties": {"name": {"const": tool.name}, key: tool.parameters},
@@ -97,17 +123,11 @@ class GrammarBuilder:
             )
 
     def _one_call(self, tool: ToolDef, fmt: ToolCallFormat, field: str = "tools") -> Any:
-        xg = _xg()
+        shape = CALL_SHAPES[fmt]
         body = json_schema_grammar(
             call_object_schema(tool, fmt), f"{field}.parameters_json_schema", f"tool {tool.name!r}"
         )
-        if fmt is ToolCallFormat.HERMES:
-            return xg.Grammar.concat(
-                xg.Grammar.from_ebnf(f"root ::= {ebnf_literal(HERMES_OPEN)}"),
-                body,
-                xg.Grammar.from_ebnf(f"root ::= {ebnf_literal(HERMES_CLOSE)}"),
-            )
-        return body
+        return _wrapped(shape.wrap_open, body, shape.wrap_close)
 
     def _any_call(self, tools: Sequence[ToolDef], fmt: ToolCallFormat) -> Any:
         xg = _xg()
@@ -116,7 +136,7 @@ class GrammarBuilder:
 
     def _free_text(self, fmt: ToolCallFormat) -> Any:
         # Auto mode: an answer that does not start like a call is also allowed.
-        first = "<" if fmt is ToolCallFormat.HERMES else "{"
+        first = CALL_SHAPES[fmt].marker[0]
         return _xg().Grammar.from_ebnf(f'root ::= "" | [^{first}] [^]*')
 
     def answer_or_calls(self, tools: Sequence[ToolDef], fmt: ToolCallFormat, max_calls: int) -> str:
@@ -131,6 +151,19 @@ class GrammarBuilder:
     def single_tool(self, tool: ToolDef, fmt: ToolCallFormat) -> str:
         """Exactly one call of ``tool`` (parallel emission: one of these per generation)."""
         return self._memo(_key("call", fmt, [tool]), lambda: self._one_call(tool, fmt))
+
+    def arguments(self, tool: ToolDef, fmt: ToolCallFormat) -> str:
+        """The rest of one call of ``tool`` after its prefilled opener
+        (:meth:`CallShape.opener`): the arguments object under the tool's schema, then the
+        format's closer. Opener + this output is exactly what :meth:`single_tool` allows."""
+
+        def build() -> Any:
+            body = json_schema_grammar(
+                tool.parameters, "tools.parameters_json_schema", f"tool {tool.name!r}"
+            )
+            return _wrapped("", body, CALL_SHAPES[fmt].closer)
+
+        return self._memo(_key("args", fmt, [tool]), build)
 
     def sequence(self, tools: Sequence[ToolDef], fmt: ToolCallFormat) -> str:
         """Exactly these calls, in this order, in one generation (hermes only)."""
@@ -198,8 +231,15 @@ class GrammarBuilder:
         return self._memo(_key(f"sel{min_calls}-{max_calls}", ToolCallFormat.HERMES, tools), build)
 
 
-TOOL_CALL_OPENER = {ToolCallFormat.HERMES: "<tool_call>", ToolCallFormat.LLAMA3_JSON: "{"}
-"""What a call opens with in each format (llama3_json: after optional whitespace)."""
+def _wrapped(before: str, body: Any, after: str) -> Any:
+    """``body`` between two literals (either may be empty)."""
+    xg = _xg()
+    items = [body]
+    if before:
+        items.insert(0, xg.Grammar.from_ebnf(f"root ::= {ebnf_literal(before)}"))
+    if after:
+        items.append(xg.Grammar.from_ebnf(f"root ::= {ebnf_literal(after)}"))
+    return items[0] if len(items) == 1 else xg.Grammar.concat(*items)
 
 
 def _char_class_item(ch: str) -> str:
@@ -235,7 +275,7 @@ def text_without_ebnf(pattern: str) -> str:
 def answer_text_grammar(fmt: ToolCallFormat) -> Any:
     """A text answer that cannot be mistaken for the format's tool call."""
     if fmt is ToolCallFormat.HERMES:
-        return _xg().Grammar.from_ebnf(text_without_ebnf(TOOL_CALL_OPENER[fmt]))
+        return _xg().Grammar.from_ebnf(text_without_ebnf(CALL_SHAPES[fmt].marker))
     return _xg().Grammar.from_ebnf("root ::= [ \\t\\r\\n]* ([^{ \\t\\r\\n] [^]*)?")
 
 
@@ -267,7 +307,7 @@ def _check_call(
     if not isinstance(obj, dict):
         return ParsedCall(call_id, "", "", False, "tool call is not a JSON object", raw)
     name = obj.get("name")
-    args = obj.get(_ARG_KEY[fmt], obj.get("arguments", obj.get("parameters")))
+    args = obj.get(CALL_SHAPES[fmt].args_key, obj.get("arguments", obj.get("parameters")))
     if not isinstance(name, str):
         return ParsedCall(call_id, "", "", False, "tool call has no name", raw)
     args_json = json.dumps(args, separators=COMPACT, ensure_ascii=False) if args is not None else ""

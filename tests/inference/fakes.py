@@ -7,6 +7,8 @@ the request (or emitting the shortest text its grammar allows when asked to), in
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,20 @@ from services.inference.service import InferenceService
 from shared.server import GrpcServer
 
 Script = Callable[[list[int], GenParams], str]
+
+# The opener CallTools prefills for one named call (hermes or llama3_json), at the prompt's end.
+_PREFILLED = re.compile(r'(?:<tool_call>\n)?\{"name":"([^"]+)","(?:arguments|parameters)":\Z')
+
+
+def prefilled_tool(prompt_ids: list[int]) -> str | None:
+    """The tool whose call opener the prompt ends with (CallTools prefilled it), else None."""
+    found = _PREFILLED.search("".join(chr(i) for i in prompt_ids))
+    return found.group(1) if found else None
+
+
+def hermes_rest(args: dict[str, Any]) -> str:
+    """What the model writes of a hermes call after the prefilled opener."""
+    return json.dumps(args, separators=(",", ":")) + "}\n</tool_call>"
 
 
 @dataclass

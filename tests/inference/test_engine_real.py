@@ -17,7 +17,9 @@ from agentmesh.inference.v1 import inference_pb2 as pb
 from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.inference.config import ToolCallFormat
 from services.inference.service import SERVICE_NAME, lane_health_name
+from services.inference.tool_calls import CALL_SHAPES
 from tests.fixtures_inference import InferenceStack
 
 pytestmark = pytest.mark.slow
@@ -133,6 +135,37 @@ async def test_call_tools_three_tools_three_schema_valid_calls(
         assert emitted.raw_text.startswith("<tool_call>\n{") and ", " not in emitted.raw_text[:40]
     assert len({c.call.id for c in reply.calls}) == 3
     assert reply.usage.completion_tokens > 0
+
+
+async def test_named_parallel_calls_decode_only_what_follows_the_prefilled_opener(
+    inference_stack: InferenceStack, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    names = list(TOOLS)
+    reply = await stub.CallTools(
+        pb.CallToolsRequest(
+            messages=convo("Customer C-2210 says invoice INV-5 is wrong; search the KB too."),
+            tools=specs(),
+            tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_NAMED, names=names),
+            parallel=True,
+            lane=pb.LaneSelector(lane="workhorse"),
+        ),
+        timeout=180,
+    )
+    assert reply.generations == 3
+    assert [c.call.name for c in reply.calls] == names
+    shape = CALL_SHAPES[ToolCallFormat.HERMES]
+    for emitted in reply.calls:
+        assert emitted.outcome == pb.PARSE_OUTCOME_OK, (emitted.parse_error, emitted.raw_text)
+        assert emitted.raw_text.startswith(shape.opener(emitted.call.name))
+        assert emitted.raw_text.endswith(shape.closer)
+    engine = inference_stack.service.core.lanes["workhorse"].engine
+    # Decoding the whole call would have generated at least its own tokens per call (plus the
+    # end token); the prefilled openers are not generated.
+    whole_calls = sum(len(engine.encode(c.raw_text)) for c in reply.calls)
+    openers = sum(len(engine.encode(shape.opener(n))) for n in names)
+    assert openers >= 3 * 10
+    assert reply.usage.completion_tokens < whole_calls
+    assert reply.usage.prompt_tokens > openers
 
 
 async def test_call_tools_single_generation_required(stub: pb_grpc.InferenceServiceStub) -> None:

@@ -10,7 +10,12 @@ from xgrammar.testing import _is_grammar_accept_string as accepts
 
 from services.inference.config import TEMPLATES_DIR, FewShotExemplar, ToolCallFormat
 from services.inference.prompt import PromptRenderer, messages_to_dicts, parse_tools
-from services.inference.tool_calls import GrammarBuilder, parse_calls, parse_selection
+from services.inference.tool_calls import (
+    CALL_SHAPES,
+    GrammarBuilder,
+    parse_calls,
+    parse_selection,
+)
 from shared.errors import InvalidArgument
 
 HERMES = ToolCallFormat.HERMES
@@ -48,6 +53,36 @@ def test_single_tool_grammar_is_compact_hermes() -> None:
     assert not accepts(g, wrong_name)
     missing = '<tool_call>\n{"name":"crm_lookup","arguments":{}}\n</tool_call>'
     assert not accepts(g, missing)
+
+
+PREFILL_CASES = [
+    (
+        HERMES,
+        '<tool_call>\n{"name":"crm_lookup","arguments":',
+        '{"customer_id":"C-1"}}\n</tool_call>',
+    ),
+    (LLAMA, '{"name":"crm_lookup","parameters":', '{"customer_id":"C-1"}}'),
+]
+
+
+@pytest.mark.parametrize(("fmt", "opener", "rest"), PREFILL_CASES, ids=["hermes", "llama3_json"])
+def test_prefilled_opener_plus_arguments_grammar_is_the_single_tool_grammar(
+    fmt: ToolCallFormat, opener: str, rest: str
+) -> None:
+    b = GrammarBuilder()
+    assert CALL_SHAPES[fmt].opener("crm_lookup") == opener
+    args = b.arguments(TOOLS[0], fmt)
+    assert "crm_lookup" not in args  # it starts at the arguments object
+    assert accepts(args, rest) and accepts(b.single_tool(TOOLS[0], fmt), opener + rest)
+    for bad in [
+        rest.replace('"C-1"', '"C-1","extra":1'),  # additionalProperties
+        rest.replace('{"customer_id":"C-1"}', "{}"),  # required
+        rest.replace('"customer_id":', '"customer_id": '),  # not compact
+        rest[:-1],  # the closer cut short
+        opener + rest,  # the opener is not decoded again
+    ]:
+        assert not accepts(args, bad), bad
+    assert b.arguments(TOOLS[0], fmt) is args  # memoized
 
 
 def test_calls_grammar_allows_one_to_n_calls() -> None:

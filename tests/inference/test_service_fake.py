@@ -18,10 +18,18 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from services.inference.config import LanesConfig
+from services.inference.config import LanesConfig, ToolCallFormat
 from services.inference.engine import GenParams
+from services.inference.prompt import parse_tools
 from services.inference.service import SERVICE_NAME, lane_health_name
-from tests.inference.fakes import Fake, FakeEngineFactory, start_fake
+from services.inference.tool_calls import GrammarBuilder
+from tests.inference.fakes import (
+    Fake,
+    FakeEngineFactory,
+    hermes_rest,
+    prefilled_tool,
+    start_fake,
+)
 
 LOOKUP = {
     "type": "object",
@@ -290,43 +298,127 @@ def _hermes(name: str, args: dict[str, object]) -> str:
     return f"<tool_call>\n{body}\n</tool_call>"
 
 
-async def test_call_tools_named_parallel_is_one_generation_per_tool(fake: Fake) -> None:
-    names = ["crm_lookup", "kb_search", "billing_invoice"]
+NAMES = ["crm_lookup", "kb_search", "billing_invoice"]
 
-    def script(ids: list[int], p: GenParams) -> str:
-        assert p.grammar is not None
-        (name,) = [n for n in names if f'\\"{n}\\"' in p.grammar]
-        return _hermes(name, {"customer_id": name[:3]})
 
-    fake.engine.script = script
+def _opener(name: str) -> list[int]:
+    """The fake's token ids (characters) of a hermes call's opener."""
+    return [ord(c) for c in f'<tool_call>\n{{"name":"{name}","arguments":']
+
+
+def _named_parallel(**kwargs: object) -> pb.CallToolsRequest:
+    return pb.CallToolsRequest(
+        messages=user("do three things"),
+        tools=[tool(n) for n in NAMES],
+        tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_NAMED, names=NAMES),
+        parallel=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _prefilled_script(ids: list[int], p: GenParams) -> str:
+    """'The model' after CallTools prefilled a call's opener: the arguments and the closer."""
+    name = prefilled_tool(ids)
+    assert name is not None, "the prompt does not end with a call opener"
+    return hermes_rest({"customer_id": name[:3]})
+
+
+async def test_call_tools_named_parallel_prefills_each_calls_opener(fake: Fake) -> None:
+    fake.engine.script = _prefilled_script
     reply = await fake.stub.CallTools(
-        pb.CallToolsRequest(
-            messages=user("do three things"),
-            tools=[tool(n) for n in names],
-            tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_NAMED, names=names),
-            parallel=True,
-            lane=pb.LaneSelector(stage=common_pb2.STAGE_TOOL_CALL),
+        _named_parallel(lane=pb.LaneSelector(stage=common_pb2.STAGE_TOOL_CALL)), timeout=10
+    )
+    assert reply.generations == 3
+    # The calls are what they were when the model decoded the whole call.
+    got = [
+        (c.call.name, json.loads(c.call.arguments_json), c.outcome, c.raw_text) for c in reply.calls
+    ]
+    expected_args: list[dict[str, object]] = [{"customer_id": n[:3]} for n in NAMES]
+    assert got == [
+        (n, a, pb.PARSE_OUTCOME_OK, _hermes(n, a))
+        for n, a in zip(NAMES, expected_args, strict=True)
+    ]
+    prompts = {prefilled_tool(ids): (ids, p) for ids, p in fake.engine.requests}
+    assert sorted(n for n in prompts if n) == sorted(NAMES)
+    shared = set()
+    for name, (ids, params) in prompts.items():
+        assert name is not None
+        opener = _opener(name)
+        assert ids[-len(opener) :] == opener
+        shared.add(tuple(ids[: -len(opener)]))
+        # The grammar starts at the arguments: no tool name, no opener in it.
+        assert params.grammar is not None
+        assert not any(n in params.grammar for n in NAMES) and "<tool_call>" not in params.grammar
+        (spec,) = parse_tools([tool(name)])
+        assert params.grammar == GrammarBuilder().arguments(spec, ToolCallFormat.HERMES)
+    (prompt,) = shared  # the same rendered prompt under every call -> one prefix for the cache
+    assert reply.usage.prompt_tokens == 3 * len(prompt) + sum(len(_opener(n)) for n in NAMES)
+    # Only what was generated: the arguments and the closer, not the opener.
+    rests = [hermes_rest(a) for a in expected_args]
+    assert reply.usage.completion_tokens == sum(len(r) for r in rests)
+    assert reply.usage.completion_tokens == sum(
+        len(c.raw_text) - len(_opener(c.call.name)) for c in reply.calls
+    )
+
+
+async def test_unconstrained_named_parallel_decodes_the_whole_call(fake: Fake) -> None:
+    fake.engine.script = _prefilled_script
+    await fake.stub.CallTools(_named_parallel(lane=pb.LaneSelector(lane="workhorse")), timeout=10)
+    first = fake.engine.requests[0][0]
+    name = prefilled_tool(first)
+    assert name is not None
+    shared = first[: -len(_opener(name))]  # the rendered prompt the constrained calls share
+
+    fake.engine.requests.clear()
+    fake.engine.script = lambda ids, p: _hermes("kb_search", {"customer_id": "kb_"})
+    reply = await fake.stub.CallTools(
+        _named_parallel(
+            lane=pb.LaneSelector(lane="workhorse"), decoding=pb.DECODING_MODE_UNCONSTRAINED
         ),
         timeout=10,
     )
-    assert reply.generations == 3
-    assert [c.call.name for c in reply.calls] == names
-    assert all(c.outcome == pb.PARSE_OUTCOME_OK for c in reply.calls)
-    assert json.loads(reply.calls[1].call.arguments_json) == {"customer_id": "kb_"}
-    prompts = {tuple(ids) for ids, _ in fake.engine.requests}
-    assert len(prompts) == 1  # same prompt -> same prefix for the cache
-    assert reply.usage.completion_tokens == sum(len(c.raw_text) for c in reply.calls)
+    assert len(fake.engine.requests) == 3
+    for ids, params in fake.engine.requests:
+        assert ids == shared and params.grammar is None  # no prefill, no grammar
+    # The model alone wrote kb_search every time: only the kb_search generation's call is OK.
+    outcomes = [(c.call.name, c.outcome, c.parse_error) for c in reply.calls]
+    assert outcomes == [
+        ("kb_search", pb.PARSE_OUTCOME_FAILED, "expected a call of 'crm_lookup'"),
+        ("kb_search", pb.PARSE_OUTCOME_OK, ""),
+        ("kb_search", pb.PARSE_OUTCOME_FAILED, "expected a call of 'billing_invoice'"),
+    ]
+    full = _hermes("kb_search", {"customer_id": "kb_"})
+    assert reply.calls[1].raw_text == full
+    assert reply.usage.completion_tokens == 3 * len(full)
 
 
-async def test_call_tools_parallel_selection_then_arguments(fake: Fake) -> None:
-    calls: list[GenParams] = []
+async def test_call_tools_opener_ids_are_encoded_once_per_lane_and_tool(fake: Fake) -> None:
+    encoded: list[str] = []
+    encode = fake.engine.encode
 
+    def counting(text: str) -> list[int]:
+        encoded.append(text)
+        return encode(text)
+
+    fake.engine.encode = counting  # type: ignore[method-assign]
+    fake.engine.script = _prefilled_script
+    for lane in ["workhorse", "workhorse", "speed"]:
+        reply = await fake.stub.CallTools(
+            _named_parallel(lane=pb.LaneSelector(lane=lane)), timeout=10
+        )
+        assert [c.outcome for c in reply.calls] == [pb.PARSE_OUTCOME_OK] * 3
+    openers = sorted(t for t in encoded if t.startswith("<tool_call>"))
+    assert openers == sorted(
+        "".join(chr(i) for i in _opener(n)) for n in NAMES for _ in ("workhorse", "speed")
+    )
+
+
+async def test_call_tools_parallel_selection_then_prefilled_arguments(fake: Fake) -> None:
     def script(ids: list[int], p: GenParams) -> str:
-        calls.append(p)
-        if len(calls) == 1:
+        name = prefilled_tool(ids)
+        if name is None:
             return '["b","a"]'
-        (name,) = [n for n in ["a", "b", "c"] if f'\\"{n}\\"' in (p.grammar or "")]
-        return _hermes(name, {"customer_id": name})
+        return hermes_rest({"customer_id": name})
 
     fake.engine.script = script
     reply = await fake.stub.CallTools(
@@ -339,8 +431,56 @@ async def test_call_tools_parallel_selection_then_arguments(fake: Fake) -> None:
         timeout=10,
     )
     assert reply.generations == 3  # 1 selection + 2 argument generations
-    assert [c.call.name for c in reply.calls] == ["b", "a"]
-    assert all(c.outcome == pb.PARSE_OUTCOME_OK for c in reply.calls)
+    assert [(c.call.name, c.outcome) for c in reply.calls] == [
+        ("b", pb.PARSE_OUTCOME_OK),
+        ("a", pb.PARSE_OUTCOME_OK),
+    ]
+    assert [c.raw_text for c in reply.calls] == [
+        _hermes("b", {"customer_id": "b"}),
+        _hermes("a", {"customer_id": "a"}),
+    ]
+    selection, *arguments = fake.engine.requests
+    assert prefilled_tool(selection[0]) is None
+    assert sorted(prefilled_tool(ids) or "" for ids, _ in arguments) == ["a", "b"]
+    for ids, _ in arguments:
+        assert ids[: len(selection[0])] == selection[0]  # the selection's prompt, then the opener
+    assert reply.usage.completion_tokens == len('["b","a"]') + sum(
+        len(hermes_rest({"customer_id": n})) for n in "ab"
+    )
+
+
+async def test_llama3_json_lane_named_call_is_prefilled_too() -> None:
+    def configure(lanes: LanesConfig) -> None:
+        speed = lanes.lanes["speed"]
+        speed.tool_call_format = ToolCallFormat.LLAMA3_JSON
+        speed.chat_template = "llama3_json_tools.jinja"
+
+    f = await start_fake(FakeEngineFactory(), configure)
+    try:
+        f.engine.script = lambda ids, p: '{"customer_id":"C-3"}}'
+        reply = await f.stub.CallTools(
+            pb.CallToolsRequest(
+                messages=user("x"),
+                tools=[tool("crm_lookup"), tool("kb_search")],
+                tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_NAMED, names=["crm_lookup"]),
+                lane=pb.LaneSelector(lane="speed"),
+            ),
+            timeout=10,
+        )
+        ((ids, params),) = f.engine.requests
+        opener = '{"name":"crm_lookup","parameters":'
+        assert "".join(chr(i) for i in ids).endswith(opener)
+        assert params.grammar is not None and "crm_lookup" not in params.grammar
+        (call,) = reply.calls
+        assert (call.call.name, call.outcome, call.raw_text) == (
+            "crm_lookup",
+            pb.PARSE_OUTCOME_OK,
+            '{"name":"crm_lookup","parameters":{"customer_id":"C-3"}}',
+        )
+        assert json.loads(call.call.arguments_json) == {"customer_id": "C-3"}
+        assert reply.usage.completion_tokens == len('{"customer_id":"C-3"}}')
+    finally:
+        await f.close()
 
 
 async def test_call_tools_single_generation_respects_max_calls(fake: Fake) -> None:

@@ -12,7 +12,7 @@ from agentmesh.common.v1 import common_pb2
 from agentmesh.inference.v1 import inference_pb2 as pb
 
 from services.inference.config import LanesConfig
-from tests.inference.fakes import Fake, FakeEngineFactory, start_fake
+from tests.inference.fakes import Fake, FakeEngineFactory, hermes_rest, start_fake
 
 
 def user(text: str) -> list[common_pb2.ChatMessage]:
@@ -55,9 +55,9 @@ async def test_collected_generations_get_first_token_then_the_rest_at_once(fake:
         ),
         timeout=10,
     )
-    fake.engine.script = lambda ids, p: '<tool_call>\n{"name":"a","arguments":{}}\n</tool_call>'
+    fake.engine.script = lambda ids, p: hermes_rest({})
     schema = json.dumps({"type": "object", "properties": {}})
-    await fake.stub.CallTools(
+    reply = await fake.stub.CallTools(
         pb.CallToolsRequest(
             messages=user("go"),
             tools=[
@@ -70,6 +70,7 @@ async def test_collected_generations_get_first_token_then_the_rest_at_once(fake:
         ),
         timeout=10,
     )
+    assert [c.outcome for c in reply.calls] == [pb.PARSE_OUTCOME_OK] * 2
     intervals = [(p.max_tokens, p.stream_interval) for _, p in fake.engine.requests]
     assert len(intervals) == 3
     assert all(interval == max_tokens for max_tokens, interval in intervals)
