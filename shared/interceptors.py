@@ -288,23 +288,53 @@ class ErrorInterceptor(WrappingInterceptor):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
+class InterceptorChain(WrappingInterceptor):
+    """Several wrapping interceptors as ONE wrapper per method: each call enters their
+    ``around`` in order (first outermost) in one exit stack, and a streamed response passes
+    through one generator layer instead of one per interceptor. Exceptions unwind through
+    them innermost first, exactly as if they were nested."""
+
+    def __init__(self, members: list[WrappingInterceptor]) -> None:
+        self.members = list(members)
+        # method -> the members that wrap it (each may exempt methods of its own).
+        self._active: dict[str, tuple[WrappingInterceptor, ...]] = {}
+
+    def exempt(self, method: str) -> bool:
+        return not self._members_for(method)
+
+    def _members_for(self, method: str) -> tuple[WrappingInterceptor, ...]:
+        active = self._active.get(method)
+        if active is None:
+            active = tuple(m for m in self.members if not m.exempt(method))
+            self._active[method] = active
+        return active
+
+    @contextlib.asynccontextmanager
+    async def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for member in self._members_for(method):
+                await stack.enter_async_context(member.around(method, context))
+            yield
+
+
 def default_interceptors(
     metrics: RpcMetrics,
     drain: DrainInterceptor,
     authenticator: Authenticator | None = None,
     guard: RequestGuardInterceptor | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
-    """The standard chain, outermost first. The guard is innermost: it owns decoding."""
-    chain: list[grpc.aio.ServerInterceptor] = [
-        drain,
-        TracingInterceptor(),
-        MetricsInterceptor(metrics),
-    ]
+    """The standard chain, outermost first: drain, tracing, metrics, auth, deadline and
+    errors as one :class:`InterceptorChain` (one wrapper per method), then the guard,
+    innermost: it owns decoding."""
+    members: list[WrappingInterceptor] = [drain, TracingInterceptor(), MetricsInterceptor(metrics)]
     if authenticator is not None and authenticator.enabled:
         from shared.auth import AuthInterceptor  # auth builds on this module
 
-        chain.append(AuthInterceptor(authenticator))
-    chain += [DeadlineInterceptor(), ErrorInterceptor()]
+        members.append(AuthInterceptor(authenticator))
+    members += [DeadlineInterceptor(), ErrorInterceptor()]
+    chain: list[grpc.aio.ServerInterceptor] = [InterceptorChain(members)]
     if guard is not None:
         chain.append(guard)
     return chain

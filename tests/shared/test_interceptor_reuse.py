@@ -15,7 +15,12 @@ from shared import interceptors
 from shared.auth import Authenticator, AuthInterceptor
 from shared.config import AuthSettings, RequestLimits
 from shared.guard import RequestGuardInterceptor
-from shared.interceptors import DrainInterceptor, WrappingInterceptor, default_interceptors
+from shared.interceptors import (
+    DrainInterceptor,
+    InterceptorChain,
+    WrappingInterceptor,
+    default_interceptors,
+)
 from shared.metrics import RpcMetrics
 
 
@@ -92,8 +97,17 @@ async def test_the_whole_default_chain_is_built_once_per_method() -> None:
     """Auth and the request guard sit in the chain too: if either rebuilt its handler per
     call, every interceptor above it would miss its cache and wrap afresh on every call."""
     chain = _default_chain()
-    assert any(isinstance(i, RequestGuardInterceptor) for i in chain)
-    assert any(isinstance(i, AuthInterceptor) for i in chain)
+    assert [type(i) for i in chain] == [InterceptorChain, RequestGuardInterceptor]
+    members = chain[0].members  # type: ignore[attr-defined]
+    assert [type(m).__name__ for m in members] == [
+        "DrainInterceptor",
+        "TracingInterceptor",
+        "MetricsInterceptor",
+        "AuthInterceptor",
+        "DeadlineInterceptor",
+        "ErrorInterceptor",
+    ]
+    assert isinstance(members[3], AuthInterceptor)
     run = _chain(chain, grpc.unary_unary_rpc_method_handler(_echo))
     first = await run(0, _Details("/pkg.Svc/A"))
     assert first is not None
@@ -141,6 +155,90 @@ async def test_a_real_server_wraps_each_method_once(monkeypatch: Any) -> None:
             assert await call(b"three", metadata=metadata, timeout=10) == b"three"
     finally:
         await server.stop(None)
-    # drain, tracing, metrics, auth, deadline, errors wrap; the guard builds its handler.
-    assert once == 7
+    # One wrapper for drain, tracing, metrics, auth, deadline and errors together; the
+    # guard builds its own handler.
+    assert once == 2
     assert built == [method] * once
+
+
+class _Recording(WrappingInterceptor):
+    def __init__(self, name: str, log: list[str], exempt_method: str = "") -> None:
+        self.name, self.log, self.exempt_method = name, log, exempt_method
+
+    def exempt(self, method: str) -> bool:
+        return method == self.exempt_method
+
+    @contextlib.asynccontextmanager
+    async def around(self, method: str, context: Any) -> AsyncIterator[None]:
+        self.log.append(f"enter {self.name}")
+        try:
+            yield
+        except ValueError:
+            self.log.append(f"saw ValueError {self.name}")
+            raise KeyError(self.name) from None
+        except KeyError as error:
+            self.log.append(f"saw KeyError({error.args[0]}) {self.name}")
+            raise
+        finally:
+            self.log.append(f"exit {self.name}")
+
+
+async def test_the_chain_nests_its_members_in_one_streaming_layer() -> None:
+    """Members enter outermost first and unwind innermost first; an exception a member
+    replaces is what the members outside it see (as if they were nested); a member's own
+    exemption skips only that member."""
+    log: list[str] = []
+    chain = InterceptorChain(
+        [_Recording("outer", log), _Recording("mid", log, "/pkg.Svc/Skip"), _Recording("in", log)]
+    )
+
+    async def items(request: Any, context: Any) -> AsyncIterator[int]:
+        log.append("handler")
+        for i in range(3):
+            yield i
+        if request == "fail":
+            raise ValueError("boom")
+
+    inner = grpc.unary_stream_rpc_method_handler(items)
+
+    async def cont(_: Any) -> Any:
+        return inner
+
+    handler = await chain.intercept_service(cont, _Details("/pkg.Svc/A"))
+    assert handler is not None and handler is not inner
+    assert [i async for i in handler.unary_stream("ok", None)] == [0, 1, 2]
+    assert log == [
+        "enter outer",
+        "enter mid",
+        "enter in",
+        "handler",
+        "exit in",
+        "exit mid",
+        "exit outer",
+    ]
+
+    log.clear()
+    try:
+        [i async for i in handler.unary_stream("fail", None)]
+    except KeyError as error:
+        assert error.args == ("in",)
+    else:
+        raise AssertionError("the replaced exception did not reach the caller")
+    assert log == [
+        "enter outer",
+        "enter mid",
+        "enter in",
+        "handler",
+        "saw ValueError in",
+        "exit in",
+        "saw KeyError(in) mid",
+        "exit mid",
+        "saw KeyError(in) outer",
+        "exit outer",
+    ]
+
+    log.clear()
+    skip = await chain.intercept_service(cont, _Details("/pkg.Svc/Skip"))
+    assert skip is not None
+    assert [i async for i in skip.unary_stream("ok", None)] == [0, 1, 2]
+    assert log == ["enter outer", "enter in", "handler", "exit in", "exit outer"]
