@@ -51,12 +51,27 @@ def size(args: argparse.Namespace, key: str) -> Any:
     return quick if args.quick else full
 
 
-def resolved_engine_args(engine_args: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
-    """The lane's engine arguments with ``dtype: auto`` resolved as the service does."""
-    from services.inference.dtype import choose_dtype, machine_facts
+def resolved_engine_args(
+    engine_args: dict[str, Any], model_path: str, settings: Any, device: str = "cpu"
+) -> dict[str, Any]:
+    """The lane's engine arguments configured for the machine as the service's engine does
+    (dtype and, on CPU, kv_cache_memory_bytes), with its OpenMP binding in the environment."""
+    from services.inference.config import apply_cpu_threads
+    from services.inference.engine_setup import choose_engine_setup
+    from services.inference.kv_cache import read_kv_shape
+    from services.inference.machine import machine_facts
 
-    choice = choose_dtype(engine_args.get("dtype"), machine_facts(device))
-    return {**engine_args, "dtype": choice.dtype}
+    setup = choose_engine_setup(
+        engine_args,
+        machine_facts(device),
+        read_kv_shape(model_path),
+        settings.kvcache_gib(),
+        settings.cpu_omp_threads_bind,
+    )
+    for line in setup.describe():
+        progress(f"engine {line}")
+    apply_cpu_threads(setup.cpu_threads)
+    return setup.engine_args(engine_args)
 
 
 @dataclass
@@ -66,7 +81,7 @@ class BenchLane:
     settings: Any  # InferenceSettings
     lanes: Any  # LanesConfig (workhorse possibly pointed at another model folder)
     model_path: str
-    engine_args: dict[str, Any]  # dtype resolved
+    engine_args: dict[str, Any]  # configured for the machine (dtype, KV cache size)
     device: str  # "cpu" | "gpu"
 
 
@@ -94,7 +109,9 @@ def workhorse(args: argparse.Namespace, **overrides: Any) -> BenchLane:
         lane.engine_args = {**lane.engine_args, "load_format": args.load_format}
     apply_engine_environment(settings, device)
     model_path = resolve_model(lane.model, settings.models_dir())
-    engine_args = resolved_engine_args(dict(lane.engine_args), "cuda" if device == "gpu" else "cpu")
+    engine_args = resolved_engine_args(
+        dict(lane.engine_args), model_path, settings, "cuda" if device == "gpu" else "cpu"
+    )
     return BenchLane(settings, lanes, model_path, engine_args, device)
 
 

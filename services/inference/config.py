@@ -1,21 +1,24 @@
 """Typed configuration of the inference service: settings, lane specs, presets.
 
-The only module of the service that touches ``os.environ``: vLLM reads a few knobs (KV cache
-size on CPU, thread binding) from the environment, so :func:`apply_engine_environment` writes
-them from typed settings right before an engine starts.
+The only module of the service that touches ``os.environ``: vLLM reads a few knobs (the
+OpenMP thread binding on CPU, usage statistics, offline mode) from the environment, so
+:func:`apply_engine_environment` and :func:`apply_cpu_threads` write them right before an
+engine starts.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.inference.cpu_threads import CpuThreadsChoice
 from services.inference.memory_plan import (
     DevicePlan,
     DeviceSpec,
@@ -24,6 +27,8 @@ from services.inference.memory_plan import (
     plan_deployment,
 )
 from shared.config import RequestLimits, ServiceSettings
+
+log = logging.getLogger(__name__)
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "config" / "lanes"
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -206,9 +211,13 @@ class InferenceSettings(ServiceSettings):
     hosted_lanes: list[str] | None = None
     # Where prepared models live; default data_dir/models.
     model_cache_dir: Path | None = None
-    # vLLM CPU build: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
-    cpu_kvcache_gib: int = Field(default=4, ge=1)
-    # vLLM CPU build: OpenMP thread binding ("auto", "all" or a core list).
+    # vLLM CPU build: KV cache size of each engine in GiB, or "auto": chosen at engine start
+    # from the memory available and what the engine can fill (kv_cache.py). A lane's
+    # engine_args.kv_cache_memory_bytes wins over both.
+    cpu_kvcache_gib: float | Literal["auto"] = "auto"
+    # vLLM CPU build: the cores the engine's OpenMP threads bind to (VLLM_CPU_OMP_THREADS_BIND):
+    # "auto" (chosen at engine start, leaving cores to vLLM's scheduler and this service:
+    # cpu_threads.py), "nobind", or a core list such as "0-13".
     cpu_omp_threads_bind: str = "auto"
     # Calls returned by CallTools when the request does not say (the per-turn cap).
     default_max_tool_calls: int = Field(default=5, ge=1)
@@ -220,6 +229,17 @@ class InferenceSettings(ServiceSettings):
     # Don't send usage statistics anywhere (no network here anyway).
     disable_usage_stats: bool = True
     limits: InferenceLimits = Field(default_factory=InferenceLimits)
+
+    @field_validator("cpu_kvcache_gib")
+    @classmethod
+    def _positive_kvcache(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and value <= 0:
+            raise ValueError('cpu_kvcache_gib must be a positive number of GiB or "auto"')
+        return value
+
+    def kvcache_gib(self) -> float | None:
+        """The explicit KV cache size in GiB; None for auto."""
+        return None if self.cpu_kvcache_gib == "auto" else float(self.cpu_kvcache_gib)
 
     def models_dir(self) -> Path:
         return self.model_cache_dir or (self.data_dir / "models")
@@ -248,13 +268,35 @@ def hf_cache_dir(settings: InferenceSettings) -> Path:
 
 
 def apply_engine_environment(settings: InferenceSettings, device: Literal["cpu", "gpu"]) -> None:
-    """Write the vLLM knobs that only exist as environment variables (before engine start)."""
+    """Write the vLLM knobs that only exist as environment variables (before engine start).
+
+    Each engine's KV cache size is its kv_cache_memory_bytes engine argument (kv_cache.py),
+    so vLLM's legacy VLLM_CPU_KVCACHE_SPACE, which would override every engine's, is
+    removed; the thread binding is written per engine start (:func:`apply_cpu_threads`).
+    """
     if device == "cpu":
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gib)
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_omp_threads_bind
+        stale = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        if stale is not None:
+            log.warning(
+                "ignoring VLLM_CPU_KVCACHE_SPACE=%s: set AGENTMESH_INFERENCE_CPU_KVCACHE_GIB "
+                "(or kv_cache_memory_bytes in the lane file) instead",
+                stale,
+            )
     if settings.disable_usage_stats:
         os.environ["VLLM_NO_USAGE_STATS"] = "1"
         os.environ["DO_NOT_TRACK"] = "1"
     # Nothing may download weights at run time.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def apply_cpu_threads(choice: CpuThreadsChoice) -> None:
+    """Write an engine's OpenMP binding where vLLM reads it (right before the engine starts:
+    its engine core reads it when it spawns the worker). Nothing on CUDA."""
+    if not choice.bind:
+        return
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = choice.bind
+    if choice.reserved is None:
+        os.environ.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
+    else:
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(choice.reserved)

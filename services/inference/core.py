@@ -27,7 +27,6 @@ from services.inference.call_tools import ToolCallStage
 from services.inference.config import InferenceSettings, LanesConfig, StageName
 from services.inference.continue_answer import ContinueOrAnswer, continue_or_answer
 from services.inference.counting import count_all
-from services.inference.dtype import DtypeChoice
 from services.inference.engine import (
     Delta,
     Engine,
@@ -37,6 +36,7 @@ from services.inference.engine import (
     GenerationFailed,
 )
 from services.inference.engine import GenParams as GenParams
+from services.inference.engine_setup import not_started
 from services.inference.lanes import (
     EngineDeathHook,
     Lane,
@@ -407,9 +407,7 @@ class InferenceCore:
     def list_lanes(self) -> pb.ListLanesResponse:
         lanes = []
         for lane in self.lanes.values():
-            dtype = lane.engine.dtype_choice or DtypeChoice(
-                str(lane.spec.engine_args.get("dtype", "auto")), "", "engine not started"
-            )
+            setup = lane.engine.setup or not_started(lane.spec.engine_args)
             lanes.append(
                 pb.LaneInfo(
                     name=lane.name,
@@ -420,9 +418,14 @@ class InferenceCore:
                     in_flight=lane.in_flight,
                     max_model_len=lane.engine.max_model_len,
                     engine_id=lane.engine.engine_id,
-                    dtype=dtype.dtype,
-                    device=dtype.device,
-                    dtype_reason=dtype.reason,
+                    dtype=setup.dtype.dtype,
+                    device=setup.dtype.device,
+                    dtype_reason=setup.dtype.reason,
+                    kv_cache_bytes=setup.kv_cache.bytes,
+                    kv_cache_tokens=setup.kv_cache.tokens,
+                    kv_cache_reason=setup.kv_cache.reason,
+                    cpu_threads_bind=setup.cpu_threads.bind,
+                    cpu_threads_reason=setup.cpu_threads.reason,
                 )
             )
         return pb.ListLanesResponse(preset=self.config.preset, lanes=lanes)

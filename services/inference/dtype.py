@@ -6,14 +6,16 @@ instructions (``avx512_bf16`` or ``amx_bf16``); elsewhere torch emulates bf16 an
 several times faster (AVX2-only AMD: prefill 35 vs 154 tokens/s). On CUDA, bfloat16 from
 compute capability 8.0 (Ampere) on, else float16. An explicit dtype in the lane file wins.
 
-:func:`choose_dtype` is pure (flags text and device facts in, choice out) so each machine
-kind is unit-tested; :func:`machine_facts` is the one place that reads the real machine.
+:func:`choose_dtype` is pure (machine facts in, choice out) so each machine kind is
+unit-tested; :func:`services.inference.machine.machine_facts` is the one place that reads the
+real machine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+
+from services.inference.machine import MachineFacts
 
 AUTO = "auto"
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -21,32 +23,10 @@ CUDA_BF16_MIN_CAPABILITY = (8, 0)
 
 
 @dataclass(frozen=True)
-class MachineFacts:
-    """What the dtype choice depends on."""
-
-    # "cpu" or "cuda".
-    device: str
-    # CPU feature flags (from /proc/cpuinfo); empty when unknown.
-    cpu_flags: frozenset[str] = field(default_factory=frozenset)
-    # CUDA compute capability of the device the engine uses (major, minor).
-    cuda_capability: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
 class DtypeChoice:
     dtype: str
     device: str
     reason: str
-
-
-def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
-    """The feature flags of the first processor in ``/proc/cpuinfo`` text (x86 ``flags``,
-    arm ``Features``)."""
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
 
 
 def choose_dtype(requested: object, facts: MachineFacts) -> DtypeChoice:
@@ -73,17 +53,3 @@ def choose_dtype(requested: object, facts: MachineFacts) -> DtypeChoice:
         facts.device,
         "auto: CPU has no native bf16 (no avx512_bf16/amx_bf16; bf16 would be emulated)",
     )
-
-
-def machine_facts(device: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> MachineFacts:
-    """Facts about this machine for ``device`` ("cpu" or "cuda"); may import torch."""
-    if device == "cuda":
-        import torch
-
-        major, minor = torch.cuda.get_device_capability()
-        return MachineFacts("cuda", cuda_capability=(int(major), int(minor)))
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        text = ""
-    return MachineFacts("cpu", cpu_flags=parse_cpu_flags(text))

@@ -16,9 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from services.inference.dtype import DtypeChoice, MachineFacts, choose_dtype, machine_facts
+from services.inference.config import apply_cpu_threads
 from services.inference.engine_child import install_parent_death_signal
+from services.inference.engine_setup import EngineSetup, choose_engine_setup
 from services.inference.engine_stats import EngineStats
+from services.inference.kv_cache import read_kv_shape
+from services.inference.machine import MachineFacts, machine_facts
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,9 @@ class Engine(Protocol):
 
     engine_id: str
     max_model_len: int
-    # The dtype the engine computes in and why; None until it started.
-    dtype_choice: DtypeChoice | None
+    # The dtype, KV cache and thread binding chosen for the machine (each with its reason);
+    # None until the engine started.
+    setup: EngineSetup | None
 
     async def start(self) -> None: ...
 
@@ -109,14 +113,18 @@ class VllmEngine:
     start_timeout_s: float = 600.0
     # "cpu" or "cuda": where the engine runs (the dtype is chosen for it).
     device: str = "cpu"
-    # Reads the machine's facts for the dtype choice (tests pass their own).
+    # Reads the machine's facts for the dtype, KV cache and thread choices (tests pass their
+    # own).
     facts: Callable[[str], MachineFacts] = machine_facts
+    # The service's KV cache size in GiB (None: auto) and OpenMP binding ("auto": chosen).
+    kv_cache_gib: float | None = None
+    cpu_threads_bind: str = "auto"
     # Where vLLM's stat logger writes engine state (None: no engine stats).
     stats: EngineStats | None = None
     max_model_len: int = field(init=False)
     # The scheduler's sequence cap, known once started (the admission budget's ceiling).
     max_num_seqs: int | None = field(init=False, default=None)
-    dtype_choice: DtypeChoice | None = field(init=False, default=None)
+    setup: EngineSetup | None = field(init=False, default=None)
     # Seconds the start waits for a timed-out engine build to unwind after its core processes
     # were killed.
     unwind_timeout_s: float = 30.0
@@ -138,17 +146,17 @@ class VllmEngine:
 
         model_path = await asyncio.to_thread(self.resolve, self.model_ref)
         facts = await asyncio.to_thread(self.facts, self.device)
-        choice = choose_dtype(self.engine_args.get("dtype"), facts)
-        log.info(
-            "%s computes in %s on %s: %s",
-            self.engine_id,
-            choice.dtype,
-            choice.device,
-            choice.reason,
+        shape = await asyncio.to_thread(read_kv_shape, model_path)
+        setup = choose_engine_setup(
+            self.engine_args, facts, shape, self.kv_cache_gib, self.cpu_threads_bind
         )
-        self.dtype_choice = choice
-        args = {"disable_log_stats": True, **self.engine_args, "dtype": choice.dtype}
+        for line in setup.describe():
+            log.info("%s %s", self.engine_id, line)
+        self.setup = setup
+        args = {"disable_log_stats": True, **setup.engine_args(self.engine_args)}
         engine_args = AsyncEngineArgs(model=model_path, **args)
+        # vLLM's engine core reads the binding from the environment when it spawns the worker.
+        apply_cpu_threads(setup.cpu_threads)
         # The engine core dies with this process, however it dies (SIGKILL included).
         install_parent_death_signal()
         owner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.engine_id}-owner")
@@ -174,6 +182,8 @@ class VllmEngine:
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = int(self._llm.model_config.max_model_len)
         self.max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
+        cache = self._llm.vllm_config.cache_config
+        self.setup = setup.started(int(cache.num_gpu_blocks or 0) * int(cache.block_size))
 
     async def _abandon_start(self, build: asyncio.Future[Any], before: set[int]) -> None:
         """Kill the processes a failed start spawned, let the build unwind, free its thread."""
@@ -326,6 +336,8 @@ def vllm_engine_factory(
     start_timeout_s: float,
     device: str = "cpu",
     stats: EngineStats | None = None,
+    kv_cache_gib: float | None = None,
+    cpu_threads_bind: str = "auto",
 ) -> EngineFactory:
     def make(engine_id: str, model_ref: str, engine_args: dict[str, Any]) -> Engine:
         return VllmEngine(
@@ -336,6 +348,8 @@ def vllm_engine_factory(
             start_timeout_s=start_timeout_s,
             device=device,
             stats=stats,
+            kv_cache_gib=kv_cache_gib,
+            cpu_threads_bind=cpu_threads_bind,
         )
 
     return make

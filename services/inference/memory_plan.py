@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,9 +39,33 @@ QUANT_BITS: dict[str, tuple[float, float]] = {
     "fp8": (8, 0.0),
     "none": (16, 0.0),
 }
-KV_DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+# "auto" is the model's dtype: 16 bits on GPUs (the CPU KV size resolves it to the engine's
+# dtype, float32 included: kv_cache.py).
+KV_DTYPE_BYTES = {
+    "auto": 2,
+    "float32": 4,
+    "bfloat16": 2,
+    "float16": 2,
+    "fp8": 1,
+    "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
+}
 # Engines sharing one card: their utilisations together, leaving room for fragmentation.
 MAX_SHARED_UTILIZATION = 0.96
+
+
+class KvShape(Protocol):
+    """What the KV cache's size per token depends on (a ModelShape, or a model's config.json
+    read by kv_cache.py)."""
+
+    @property
+    def layers(self) -> int: ...
+
+    @property
+    def kv_heads(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
 
 
 class ModelShape(BaseModel):
@@ -135,7 +159,7 @@ def weights_bytes(shape: ModelShape, quantization: str | None) -> float:
     return quantized * bits / 8 * (1 + overhead) + shape.unquantized_params_b * 1e9 * 2
 
 
-def kv_bytes_per_token(shape: ModelShape, kv_cache_dtype: str, tensor_parallel: int) -> float:
+def kv_bytes_per_token(shape: KvShape, kv_cache_dtype: str, tensor_parallel: int) -> float:
     heads = max(1, math.ceil(shape.kv_heads / tensor_parallel))
     return shape.layers * heads * shape.head_dim * KV_DTYPE_BYTES.get(kv_cache_dtype, 2) * 2
 

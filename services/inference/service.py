@@ -107,6 +107,8 @@ class InferenceService:
                 settings.engine_start_timeout_s,
                 "cuda" if device == "gpu" else "cpu",
                 stats=self.engine_stats,
+                kv_cache_gib=settings.kvcache_gib(),
+                cpu_threads_bind=settings.cpu_omp_threads_bind,
             )
             self._real_engines = True
         else:

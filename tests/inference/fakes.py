@@ -17,8 +17,10 @@ import grpc
 from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 
 from services.inference.config import InferenceSettings, LanesConfig
-from services.inference.dtype import DtypeChoice, MachineFacts, choose_dtype
 from services.inference.engine import Delta, EngineDead, GenerationFailed, GenParams
+from services.inference.engine_setup import EngineSetup, choose_engine_setup
+from services.inference.kv_cache import ModelKvShape
+from services.inference.machine import MachineFacts
 from services.inference.service import InferenceService
 from shared.server import GrpcServer
 
@@ -62,14 +64,25 @@ class FakeEngine:
     # When set: every delta after the first waits for this event (a test reads the first
     # delta while the generation is provably still running).
     hold_after_first: asyncio.Event | None = None
-    # The machine the fake "starts" on (its dtype is chosen for it like a real engine's).
+    # The machine the fake "starts" on and its model's KV shape: its dtype, KV cache and
+    # thread binding are chosen for them like a real engine's (None: shape unknown).
     machine: MachineFacts = field(default_factory=lambda: MachineFacts("cpu"))
-    dtype_choice: DtypeChoice | None = None
+    kv_shape: ModelKvShape | None = None
+    # The service's overrides, as the real engine factory passes them.
+    kv_cache_gib: float | None = None
+    cpu_threads_bind: str = "auto"
+    setup: EngineSetup | None = None
 
     async def start(self) -> None:
         if self.fail_start:
             raise RuntimeError("fake start failure")
-        self.dtype_choice = choose_dtype(self.engine_args.get("dtype"), self.machine)
+        setup = choose_engine_setup(
+            self.engine_args, self.machine, self.kv_shape, self.kv_cache_gib, self.cpu_threads_bind
+        )
+        # The tokens "its" cache holds: whole blocks of 128 tokens, as vLLM's CPU build.
+        per_token = setup.kv_cache.bytes_per_token
+        blocks = setup.kv_cache.bytes // (per_token * 128) if per_token else 0
+        self.setup = setup.started(blocks * 128)
         self.started = True
 
     def encode(self, text: str) -> list[int]:

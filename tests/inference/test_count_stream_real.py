@@ -17,7 +17,8 @@ from agentmesh.common.v1 import common_pb2
 from agentmesh.inference.v1 import inference_pb2 as pb
 from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 
-from services.inference.dtype import choose_dtype, machine_facts
+from services.inference.dtype import choose_dtype
+from services.inference.machine import machine_facts
 from services.tools.registry import default_registry
 from services.tools.service import spec_to_pb
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from services.inference.dtype import MachineFacts, choose_dtype, machine_facts, parse_cpu_flags
+from services.inference.dtype import choose_dtype
+from services.inference.machine import MachineFacts, parse_cpu_flags
 
 # Trimmed /proc/cpuinfo of each machine kind (flags lines as the kernel prints them).
 INTEL_AMX = """processor\t: 0
@@ -70,14 +69,3 @@ def test_cuda_by_compute_capability() -> None:
     assert ada.dtype == "bfloat16" and "8.9" in ada.reason
     turing = choose_dtype("auto", MachineFacts("cuda", cuda_capability=(7, 5)))
     assert turing.dtype == "float16" and "7.5" in turing.reason
-
-
-def test_parse_cpu_flags_reads_the_first_flags_line(tmp_path: Path) -> None:
-    flags = parse_cpu_flags(AMD_AVX512_BF16 + "\nflags\t\t: other\n")
-    assert {"avx2", "avx512_bf16", "avx512f"} <= flags and "other" not in flags
-    assert parse_cpu_flags("Features\t: fp asimd bf16\n") == {"fp", "asimd", "bf16"}
-    assert parse_cpu_flags("") == frozenset()
-    path = tmp_path / "cpuinfo"
-    path.write_text(AMD_AVX2_ONLY)
-    assert machine_facts("cpu", path) == MachineFacts("cpu", parse_cpu_flags(AMD_AVX2_ONLY))
-    assert machine_facts("cpu", tmp_path / "missing") == MachineFacts("cpu")

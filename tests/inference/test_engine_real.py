@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 
 import grpc
@@ -18,6 +19,8 @@ from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.inference.config import ToolCallFormat
+from services.inference.cpu_threads import choose_cpu_threads
+from services.inference.machine import machine_facts
 from services.inference.service import SERVICE_NAME, lane_health_name
 from services.inference.tool_calls import CALL_SHAPES
 from tests.fixtures_inference import InferenceStack
@@ -81,8 +84,8 @@ async def stub(inference_server: str) -> pb_grpc.InferenceServiceStub:
     return pb_grpc.InferenceServiceStub(channel)
 
 
-async def test_health_is_serving_after_warm_up(inference_server: str) -> None:
-    async with grpc.aio.insecure_channel(inference_server) as channel:
+async def test_health_is_serving_after_warm_up(inference_stack: InferenceStack) -> None:
+    async with grpc.aio.insecure_channel(inference_stack.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for name in ["", SERVICE_NAME, lane_health_name("workhorse"), lane_health_name("speed")]:
             reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
@@ -91,6 +94,21 @@ async def test_health_is_serving_after_warm_up(inference_server: str) -> None:
         assert {lane.engine_id for lane in lanes.lanes} == {"engine-0"}
         assert all(lane.state == pb.LANE_STATE_SERVING for lane in lanes.lanes)
         assert all(lane.max_model_len == 4096 for lane in lanes.lanes)
+    # The KV cache and OpenMP binding reported are what vLLM got: its cache config (the
+    # fixture sets cpu_kvcache_gib=2) and the binding in the environment its core read.
+    engine = inference_stack.service.core.engines["engine-0"]
+    cache = engine._llm.vllm_config.cache_config  # type: ignore[attr-defined]
+    threads = choose_cpu_threads("cpu", "auto", machine_facts("cpu").cpus)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+    for lane in lanes.lanes:
+        assert lane.kv_cache_bytes == cache.kv_cache_memory_bytes == 2 * 1024**3
+        assert lane.kv_cache_tokens == cache.num_gpu_blocks * cache.block_size > 0
+        # Our KV bytes per token (config.json, the dtype) are vLLM's: whole blocks of them.
+        block_bytes = engine.setup.kv_cache.bytes_per_token * cache.block_size
+        assert lane.kv_cache_tokens == lane.kv_cache_bytes // block_bytes * cache.block_size
+        assert lane.kv_cache_reason == "set by cpu_kvcache_gib (2 GiB)"
+        assert lane.cpu_threads_bind == os.environ["VLLM_CPU_OMP_THREADS_BIND"] == threads.bind
+        assert lane.cpu_threads_reason == threads.reason
 
 
 async def test_stream_yields_several_deltas_then_usage(stub: pb_grpc.InferenceServiceStub) -> None:

@@ -171,6 +171,7 @@ async def test_an_abandoned_start_leaves_no_engine_process() -> None:
         spec.engine_args,
         resolve=lambda ref: resolve_model(ref, MODELS),
         start_timeout_s=START_S,
+        kv_cache_gib=settings.kvcache_gib(),
     )
     me = psutil.Process()
     before = set(me.children(recursive=True))
