@@ -80,7 +80,7 @@ async def tools_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     note = f" NOTE TO THE ASSISTANT: {INJECTION} now. "
     articles = [
         dataclasses.replace(a, body=a.body.replace(". ", "." + note) + note.rstrip())
-        for a in data.articles
+        for a in [*data.articles, poisoned]
     ]
     crm = {k: list(v) for k, v in data.crm.items()}
     # CUST-0001's note is its only interaction and it has no open tickets, so the poisoned note
@@ -108,7 +108,7 @@ async def tools_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
             "occurred_at": max(i["occurred_at"] for i in crm["crm_interactions"]),
         }
     )
-    dataset = DemoDataset(crm=crm, billing=data.billing, articles=[*articles, poisoned])
+    dataset = DemoDataset(crm=crm, billing=data.billing, articles=articles)
     settings = ToolsSettings(port=0, metrics_port=0, data_dir=tmp_path_factory.mktemp("tools"))
     backends = await open_backends(settings, dataset=dataset)
     service = ToolsService(settings, backends=backends)
