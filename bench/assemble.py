@@ -11,9 +11,10 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from bench.assemble_overhead import breakdown_overhead_section, overhead_section
+from bench.figures import NAN, div, new_section, pct, target
 from bench.turn_latency import LABELS, SEED_GPU
 
-NAN = math.nan
 # The seed's RTX 4090 workhorse: Qwen2.5-14B-AWQ decoding at 135 tokens/s per stream.
 SEED_DECODE_TPS = 135.0
 # Not in the seed: a 14B AWQ prefill rate on a 4090 assumed for the projection (uncached
@@ -22,32 +23,13 @@ ASSUMED_GPU_PREFILL_TPS = 5000.0
 STAGE_ORDER = ("plan", "tool_emit", "observe", "compose")
 
 
-def pct(values: Sequence[float], q: float) -> float:
-    clean = sorted(v for v in values if v is not None and not math.isnan(v))
-    if not clean:
-        return NAN
-    return clean[min(len(clean) - 1, max(0, round(q * (len(clean) - 1))))]
-
-
-def div(a: float | None, b: float | None) -> float:
-    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
-        return NAN
-    return a / b
-
-
-def target(name: str, value: float, goal: str, ok: bool) -> dict[str, Any]:
-    return {"name": name, "value": value, "target": goal, "met": None if math.isnan(value) else ok}
-
-
-def _section(title: str, size: str) -> dict[str, Any]:
-    return {"title": title, "size": size, "tables": [], "plots": [], "targets": [], "notes": []}
-
-
 # ---- inference service vs vllm serve vs offline ----------------------------------------------
 
 
 def serve_section(offline: Mapping[str, Any], serve: Mapping[str, Any]) -> dict[str, Any]:
-    sec = _section("Inference service vs vllm serve vs the offline engine", serve.get("size", ""))
+    sec = new_section(
+        "Inference service vs vllm serve vs the offline engine", serve.get("size", "")
+    )
     ours, vllm = serve.get("ours", {}), serve.get("vllm", {})
     levels = sorted(
         {int(k) for k in ours.get("tps", {})} | {int(k) for k in offline.get("tps", {})}
@@ -145,7 +127,7 @@ def serve_section(offline: Mapping[str, Any], serve: Mapping[str, Any]) -> dict[
 
 
 def prefix_section(serve: Mapping[str, Any]) -> dict[str, Any]:
-    sec = _section("Prefix cache and parallel emission", serve.get("size", ""))
+    sec = new_section("Prefix cache and parallel emission", serve.get("size", ""))
     ours, vllm = serve.get("ours", {}), serve.get("vllm", {})
     cold, warm = pct(ours.get("prefix_cold", []), 0.5), pct(ours.get("prefix_warm", []), 0.5)
     o1, o3 = pct(ours.get("tools1", []), 0.5), pct(ours.get("tools3", []), 0.5)
@@ -200,7 +182,7 @@ def _stages(spans: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def turn_section(turns: Mapping[str, Any], offline: Mapping[str, Any]) -> dict[str, Any]:
-    sec = _section("A whole turn vs its floor", turns.get("size", ""))
+    sec = new_section("A whole turn vs its floor", turns.get("size", ""))
     ref = [t for t in turns.get("reference", []) if t["ok"]]
     spans = [s for t in ref for s in t["spans"] or []]
     n = max(1, len(ref))
@@ -283,69 +265,8 @@ def turn_section(turns: Mapping[str, Any], offline: Mapping[str, Any]) -> dict[s
     return sec
 
 
-def _gaps_ms(turn: Mapping[str, Any]) -> tuple[float, float]:
-    stages = turn["stages"]
-    network = stages.get("network", NAN) * 1000
-    client = (turn["wall"] - stages.get("total", NAN)) * 1000
-    return network, client
-
-
-def overhead_section(turns: Mapping[str, Any]) -> dict[str, Any]:
-    sec = _section("Mesh overhead per turn", turns.get("size", ""))
-    groups: list[tuple[int, list[Mapping[str, Any]]]] = [
-        (1, [t for t in turns.get("reference", []) if t["ok"]])
-    ]
-    for level in turns.get("capacity", []):
-        groups.append((level["sessions"], [t for t in level["turns"] if t["ok"]]))
-    rows = []
-    for sessions, group in groups:
-        gaps = [_gaps_ms(t) for t in group]
-        net, client = [g[0] for g in gaps], [g[1] for g in gaps]
-        added = [a + b for a, b in gaps]
-        rows.append(
-            [
-                sessions,
-                len(group),
-                pct(net, 0.5),
-                pct(net, 0.95),
-                pct(client, 0.5),
-                pct(client, 0.95),
-                pct(added, 0.5),
-                pct(added, 0.95),
-            ]
-        )
-    sec["tables"].append(
-        {
-            "title": "added ms per turn (network: inference + tools call walls minus the "
-            "servers' own time; edge: client wall minus the orchestrator's turn total)",
-            "columns": [
-                "sessions",
-                "turns",
-                "network p50",
-                "network p95",
-                "edge p50",
-                "edge p95",
-                "added p50",
-                "added p95",
-            ],
-            "rows": rows,
-        }
-    )
-    at10 = next((r for r in rows if r[0] == 10), None)
-    if at10 is not None:
-        sec["targets"].append(target("added ms p50 @ 10 sessions", at10[6], "<= 10", at10[6] <= 10))
-        sec["targets"].append(target("added ms p95 @ 10 sessions", at10[7], "<= 20", at10[7] <= 20))
-    sec["notes"].append(
-        "Measured from the turn's own latency breakdown (the orchestrator times every downstream "
-        "call against the server time it reports) rather than from a second, in-process loop. "
-        "Network includes any wait on a RESOURCE_EXHAUSTED retry hint inside the orchestrator's "
-        "inference client (a full lane: the call is retried, the turn never sees the refusal)."
-    )
-    return sec
-
-
 def capacity_section(turns: Mapping[str, Any]) -> dict[str, Any]:
-    sec = _section("Capacity: concurrent sessions", turns.get("size", ""))
+    sec = new_section("Capacity: concurrent sessions", turns.get("size", ""))
     ref = [t for t in turns.get("reference", []) if t["ok"]]
     rows = [
         [
@@ -394,14 +315,14 @@ def capacity_section(turns: Mapping[str, Any]) -> dict[str, Any]:
     else:
         sec["notes"].append(
             "no turn ended in RESOURCE_EXHAUSTED at these levels (the orchestrator retries a full "
-            "lane on its hint: see the network column of the mesh overhead table)"
+            "lane on its hint: see the network column of the latency-breakdown gaps table)"
         )
     sec["plots"].append(plot)
     return sec
 
 
 def budget_section(turns: Mapping[str, Any]) -> dict[str, Any]:
-    sec = _section(
+    sec = new_section(
         "Per-turn budget: the seed's, measured, projected to rtx4090", turns.get("size", "")
     )
     ref = [t for t in turns.get("reference", []) if t["ok"]]
@@ -470,9 +391,11 @@ def assemble(data: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]
         turns = data["turns"]
         if offline:
             out["turn_floor"] = turn_section(turns, offline)
-        out["overhead"] = overhead_section(turns)
+        out["overhead_breakdown"] = breakdown_overhead_section(turns)
         out["capacity"] = capacity_section(turns)
         out["budget"] = budget_section(turns)
+    if "overhead" in data and data["overhead"].get("turns"):
+        out["overhead"] = overhead_section(data["overhead"])
     for name, raw in data.items():
         if raw.get("error"):
             out[f"{name}_error"] = {"title": f"section {name}", "error": raw["error"]}

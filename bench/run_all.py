@@ -1,10 +1,11 @@
 """``make bench`` / ``make bench-quick``: every benchmark section, then the report.
 
-    python -m bench.run_all [--quick] [--out bench/results] [--sections offline,serve,turns]
+    python -m bench.run_all [--quick] [--out bench/results] [--sections offline,serve,...]
 
 Each section (bench/sections.py) runs in its own process, one after another, so only one
-vLLM engine is alive at a time (the serve section starts ``vllm serve`` after our service
-has stopped). Raw figures land in ``<out>/raw/<section>.json``; the report (report.md,
+section's engines are alive at a time (the serve section starts ``vllm serve`` after our
+service has stopped; the overhead section keeps two up, the mesh's and the one-process
+agent's). Raw figures land in ``<out>/raw/<section>.json``; the report (report.md,
 report.json, PNG plots) in ``<out>``. Progress is printed as it runs. A failed section is
 reported as failed and the others still run; the exit status is 1 if any failed.
 """
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# offline first: the serve and turn sections are read against its rates.
-SECTIONS = ("offline", "serve", "turns")
+# offline first: the serve and turn sections are read against its rates. overhead runs two
+# engines side by side (the mesh's and the one-process agent's), last.
+SECTIONS = ("offline", "serve", "turns", "overhead")
 
 
 def machine() -> str:

@@ -1,7 +1,7 @@
 """The measuring half of ``make bench``: each section runs in its own process and writes raw
 figures as JSON (bench/assemble.py turns them into tables, plots and targets).
 
-    python -m bench.sections offline|serve|turns --out FILE [--quick]
+    python -m bench.sections offline|serve|turns|overhead --out FILE [--quick]
 
 - ``offline``: the engine alone (``vllm.LLM``, the workhorse lane's engine arguments with
   the dtype chosen for this machine): prefill tokens/s on uncached prompts, single-stream
@@ -14,6 +14,10 @@ figures as JSON (bench/assemble.py turns them into tables, plots and targets).
   an in-memory span exporter: per turn the client wall, the latency breakdown, per-stage
   prompt / cached / completion tokens (the ``chat`` spans), LLM stages; then turns at
   concurrent sessions (capacity, RESOURCE_EXHAUSTED counted).
+- ``overhead``: the mesh with every service in its own process vs the whole agent in one
+  process (bench/mesh_overhead.py), both up at once, the same scripted turns alternating
+  between them at 1 and N concurrent sessions: per turn the client wall and the latency
+  breakdown (what of it the inference core spent itself).
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "turn_sessions": (2, 1),
     "turn_turns": (2, 1),
     "capacity_levels": ([4, 10, 32], [2]),
+    # overhead: concurrent sessions; turns of the one session at level 1 (the five-turn
+    # task); turns per session and blocks per configuration at the levels above 1.
+    "overhead_levels": ([1, 10], [1, 2]),
+    "overhead_turns": (5, 1),
+    "overhead_turns_at_level": (1, 1),
+    "overhead_blocks": (1, 1),
 }
 
 
@@ -314,7 +324,24 @@ def turns(args: argparse.Namespace) -> dict[str, Any]:
     return asyncio.run(go())
 
 
-SECTIONS = {"offline": offline, "serve": serve, "turns": turns}
+# ---- overhead: separate processes vs one process --------------------------------------------
+
+
+def overhead(args: argparse.Namespace) -> dict[str, Any]:
+    from bench import mesh_overhead as mo
+
+    plan = mo.Plan(
+        levels=size(args, "overhead_levels"),
+        turns=size(args, "overhead_turns"),
+        turns_at_level=size(args, "overhead_turns_at_level"),
+        blocks=size(args, "overhead_blocks"),
+        kvcache_gib=args.kvcache_gib,
+        preset=args.preset or "embedded",
+    )
+    return asyncio.run(mo.measure(plan, progress, lambda data: save(args, data, partial=True)))
+
+
+SECTIONS = {"offline": offline, "serve": serve, "turns": turns, "overhead": overhead}
 
 
 def save(args: argparse.Namespace, data: dict[str, Any], *, partial: bool = False) -> None:

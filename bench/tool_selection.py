@@ -32,7 +32,8 @@ async def main(limit: int) -> None:
 
     from services.inference.config import InferenceSettings
     from services.inference.service import InferenceService
-    from services.orchestrator.clients import GrpcInference, tool_from_proto
+    from services.orchestrator.clients import GrpcInference
+    from services.orchestrator.downstream import tool_from_proto
     from services.orchestrator.loop.policy import AgentProfile, Caps
     from services.orchestrator.loop.runner import TurnInput, TurnRunner
     from services.tools.registry import default_registry

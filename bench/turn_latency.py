@@ -149,6 +149,8 @@ class TurnSample:
     escalations: int = 0
     completion_tokens: int = 0
     llm_stages: int = 0
+    # The longest tool call of the turn as the tool service timed it (its own time).
+    tool_self: float = 0.0
     notes: list[str] = field(default_factory=list)
     failed_calls: list[tuple[str, str, str]] = field(default_factory=list)  # name, status, args
     error: str = ""
@@ -286,6 +288,7 @@ async def run_turn(stub: Any, session_id: str, text: str, sample: TurnSample) ->
                 sample.first_delta = time.perf_counter() - sent
             elif kind == "tool_call_finished":
                 finished = event.tool_call_finished
+                sample.tool_self = max(sample.tool_self, seconds(finished.latency))
                 if finished.status == "OK":
                     sample.tools_ok += 1
                 else:

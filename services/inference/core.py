@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -346,7 +346,7 @@ class InferenceCore:
 
     async def stream_generate(
         self, req: pb.StreamGenerateRequest
-    ) -> AsyncIterator[pb.StreamGenerateResponse]:
+    ) -> AsyncGenerator[pb.StreamGenerateResponse, None]:
         started = time.monotonic()
         prep = await self._prepare_generate(req)
         lane, splitter = prep.lane, prep.splitter

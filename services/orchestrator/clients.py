@@ -2,7 +2,9 @@
 
 Each call gets the loop's ``timeout_s`` as its gRPC deadline. If the awaiting task is
 cancelled (client disconnect), the call is cancelled too, so the inference service aborts the
-engine request and the tools service cancels pending tool calls.
+engine request and the tools service cancels pending tool calls. Requests are built and
+replies read by services/orchestrator/downstream.py, which the in-process adapter
+(services/orchestrator/inprocess.py) shares.
 """
 
 from __future__ import annotations
@@ -12,33 +14,42 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
-from agentmesh.common.v1 import common_pb2
 from agentmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from agentmesh.tools.v1 import tools_pb2, tools_pb2_grpc
-from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from services.orchestrator.downstream import (
+    INFERENCE_SERVICE,
+    TOOLS_SERVICE,
+    answer_item,
+    call_tools_request,
+    call_tools_result,
+    capacity_delay,
+    count_tokens_request,
+    execute_tools_request,
+    generate_request,
+    generate_result,
+    retry_capacity,
+    stream_request,
+    token_count,
+    tool_outcomes,
+    tools_listed,
+)
 from services.orchestrator.loop.types import (
     CallToolsResult,
     ComposeDelta,
     ComposeDone,
     Decoding,
-    Effect,
-    EmittedCall,
     GenerateResult,
-    GenerationStats,
     LaneRequest,
     Message,
     Principal,
-    Role,
     TokenCount,
-    ToolCall,
     ToolCallsChosen,
     ToolDef,
     ToolInvocation,
     ToolOutcome,
-    Usage,
 )
 from shared.deadlines import Deadline
 from shared.errors import (
@@ -53,8 +64,6 @@ from shared.errors import (
 )
 from shared.principal_wire import PRINCIPAL_HEADER
 
-INFERENCE_SERVICE = "agentmesh.inference.v1.InferenceService"
-TOOLS_SERVICE = "agentmesh.tools.v1.ToolService"
 # Side-effect free, so safe to retry on UNAVAILABLE. ExecuteTools too: every write in it
 # carries an idempotency key, so a retried batch never moves money twice.
 INFERENCE_RETRY_METHODS: list[tuple[str, str | None]] = [
@@ -63,115 +72,22 @@ INFERENCE_RETRY_METHODS: list[tuple[str, str | None]] = [
     (INFERENCE_SERVICE, "ListLanes"),
     (INFERENCE_SERVICE, "CountTokens"),
 ]
-_TOOL_CHOICE = {
-    "auto": inference_pb2.ToolChoice.MODE_AUTO,
-    "required": inference_pb2.ToolChoice.MODE_REQUIRED,
-}
 TOOLS_RETRY_METHODS: list[tuple[str, str | None]] = [
     (TOOLS_SERVICE, "ListTools"),
     (TOOLS_SERVICE, "ExecuteTools"),
 ]
 
-_ROLES = {
-    Role.SYSTEM: common_pb2.ROLE_SYSTEM,
-    Role.USER: common_pb2.ROLE_USER,
-    Role.ASSISTANT: common_pb2.ROLE_ASSISTANT,
-    Role.TOOL: common_pb2.ROLE_TOOL,
-}
-_STAGES = {
-    "plan": common_pb2.STAGE_PLAN,
-    "tool_call": common_pb2.STAGE_TOOL_CALL,
-    "compose": common_pb2.STAGE_COMPOSE,
-}
-
-
-# ---------------------------------------------------------------------- conversions
-
-
-def message_to_proto(message: Message) -> common_pb2.ChatMessage:
-    return common_pb2.ChatMessage(
-        role=_ROLES[message.role],
-        content=message.content,
-        tool_calls=[
-            common_pb2.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json)
-            for c in message.tool_calls
-        ],
-        tool_call_id=message.tool_call_id,
-        name=message.name,
-    )
-
-
-def tool_to_proto(tool: ToolDef) -> common_pb2.ToolSpec:
-    return common_pb2.ToolSpec(
-        name=tool.name,
-        description=tool.description,
-        parameters_json_schema=tool.parameters_json_schema,
-        effect=common_pb2.TOOL_EFFECT_WRITE
-        if tool.effect is Effect.WRITE
-        else common_pb2.TOOL_EFFECT_READ,
-        timeout_ms=tool.timeout_ms,
-        principal_arguments=list(tool.principal_arguments),
-        requires_customer=tool.requires_customer,
-    )
-
-
-def tool_from_proto(spec: common_pb2.ToolSpec) -> ToolDef:
-    return ToolDef(
-        name=spec.name,
-        description=spec.description,
-        parameters_json_schema=spec.parameters_json_schema,
-        effect=Effect.WRITE if spec.effect == common_pb2.TOOL_EFFECT_WRITE else Effect.READ,
-        timeout_ms=spec.timeout_ms,
-        principal_arguments=tuple(spec.principal_arguments),
-        requires_customer=spec.requires_customer,
-    )
-
-
-def emitted_from_proto(calls: Sequence[inference_pb2.EmittedToolCall]) -> tuple[EmittedCall, ...]:
-    return tuple(
-        EmittedCall(
-            call=ToolCall(c.call.id, c.call.name, c.call.arguments_json),
-            ok=c.outcome == inference_pb2.PARSE_OUTCOME_OK,
-            parse_error=c.parse_error,
-            raw_text=c.raw_text,
-        )
-        for c in calls
-    )
-
-
-def lane_to_proto(lane: LaneRequest) -> inference_pb2.LaneSelector:
-    return inference_pb2.LaneSelector(
-        lane=lane.lane,
-        stage=_STAGES.get(lane.stage, common_pb2.STAGE_UNSPECIFIED),
-        escalation_level=lane.escalation_level,
-    )
-
-
-def _seconds(value: duration_pb2.Duration) -> float:
-    return value.seconds + value.nanos / 1e9
-
-
-def _usage(value: common_pb2.Usage) -> Usage:
-    return Usage(value.prompt_tokens, value.completion_tokens, value.cached_prompt_tokens)
-
-
-def _finish(value: int) -> str:
-    return inference_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_")  # type: ignore[arg-type]
-
-
-def _generation_stats(
-    value: inference_pb2.GenerateResponse | inference_pb2.GenerationSummary,
-) -> GenerationStats:
-    """Stats of one generation: a Generate reply and a stream's summary carry the same fields."""
-    return GenerationStats(
-        lane=value.lane.lane,
-        model=value.lane.model,
-        usage=_usage(value.usage),
-        ttft_s=_seconds(value.time_to_first_token),
-        elapsed_s=_seconds(value.elapsed),
-        generations=1,
-        finish_reason=_finish(value.finish_reason),
-    )
+__all__ = [
+    "INFERENCE_RETRY_METHODS",
+    "INFERENCE_SERVICE",
+    "PRINCIPAL_HEADER",
+    "TOOLS_RETRY_METHODS",
+    "TOOLS_SERVICE",
+    "GrpcInference",
+    "GrpcTools",
+    "domain_error",
+    "retry_after",
+]
 
 
 def retry_after(error: grpc.aio.AioRpcError) -> float | None:
@@ -186,6 +102,10 @@ def retry_after(error: grpc.aio.AioRpcError) -> float | None:
             seconds: float = info.retry_delay.ToNanoseconds() / 1e9
             return max(0.0, seconds)
     return None
+
+
+def _hint(error: Exception) -> float | None:
+    return retry_after(error) if isinstance(error, grpc.aio.AioRpcError) else None
 
 
 def domain_error(error: grpc.aio.AioRpcError, what: str) -> AgentmeshError:
@@ -210,41 +130,24 @@ def domain_error(error: grpc.aio.AioRpcError, what: str) -> AgentmeshError:
     return Unavailable(f"{what} is unavailable")
 
 
-# A lane at its concurrency cap answers RESOURCE_EXHAUSTED with a retry hint: wait that long
-# and try again while the turn's deadline leaves room for a useful attempt.
-CAPACITY_ATTEMPTS = 10
-MIN_USEFUL_ATTEMPT_S = 0.5
-
-
 async def _unary(start: Callable[[float], Any], timeout_s: float, what: str) -> Any:
     """Runs a unary call, ``start(timeout)`` per attempt, retrying a full lane on its hint.
 
     Cancelling the awaiting task cancels the RPC in flight.
     """
-    deadline = Deadline.after(timeout_s)
-    for attempt in range(1, CAPACITY_ATTEMPTS + 1):
-        call = start(max(deadline.time_remaining(), 0.001))
+
+    async def attempt(timeout: float) -> Any:
+        call = start(timeout)
         try:
             return await call
         except asyncio.CancelledError:
             call.cancel()
             raise
-        except grpc.aio.AioRpcError as error:
-            delay = _capacity_delay(error, attempt, deadline)
-            if delay is None:
-                raise domain_error(error, what) from None
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
 
-
-def _capacity_delay(error: grpc.aio.AioRpcError, attempt: int, deadline: Deadline) -> float | None:
-    """The wait before attempt ``attempt + 1`` of a call a full lane refused; None: give up
-    (no hint, attempts used up, or too little of the deadline left after the wait)."""
-    delay = retry_after(error)
-    room = deadline.time_remaining() - MIN_USEFUL_ATTEMPT_S
-    if delay is None or attempt >= CAPACITY_ATTEMPTS or delay > room:
-        return None
-    return delay
+    try:
+        return await retry_capacity(attempt, timeout_s, _hint)
+    except grpc.aio.AioRpcError as error:
+        raise domain_error(error, what) from None
 
 
 async def _chain(first: Any, call: Any) -> AsyncIterator[Any]:
@@ -274,17 +177,13 @@ class GrpcInference:
         max_tokens: int,
         timeout_s: float,
     ) -> GenerateResult:
-        request = inference_pb2.GenerateRequest(
-            messages=[message_to_proto(m) for m in messages],
-            lane=lane_to_proto(lane),
-            sampling=inference_pb2.SamplingParams(max_tokens=max_tokens),
-            tools=[tool_to_proto(t) for t in tools],
-            response_format=inference_pb2.ResponseFormat(json_schema=json_schema),
+        request = generate_request(
+            messages, tools, lane, json_schema=json_schema, max_tokens=max_tokens
         )
         response: inference_pb2.GenerateResponse = await _unary(
             lambda t: self._stub.Generate(request, timeout=t), timeout_s, "the inference service"
         )
-        return GenerateResult(text=response.text, stats=_generation_stats(response))
+        return generate_result(response)
 
     async def emit_tool_calls(
         self,
@@ -298,35 +197,19 @@ class GrpcInference:
         max_tokens: int | None,
         timeout_s: float,
     ) -> CallToolsResult:
-        request = inference_pb2.CallToolsRequest(
-            messages=[message_to_proto(m) for m in messages],
-            tools=[tool_to_proto(t) for t in tools],
-            tool_choice=inference_pb2.ToolChoice(
-                mode=inference_pb2.ToolChoice.MODE_NAMED, names=list(names)
-            ),
-            max_calls=len(names),
-            lane=lane_to_proto(lane),
-            sampling=inference_pb2.SamplingParams(max_tokens=max_tokens)
-            if max_tokens
-            else inference_pb2.SamplingParams(),
+        request = call_tools_request(
+            messages,
+            tools,
+            names,
+            lane,
             parallel=parallel,
-            decoding=inference_pb2.DECODING_MODE_UNCONSTRAINED
-            if decoding is Decoding.UNCONSTRAINED
-            else inference_pb2.DECODING_MODE_CONSTRAINED,
+            decoding=decoding,
+            max_tokens=max_tokens,
         )
         response: inference_pb2.CallToolsResponse = await _unary(
             lambda t: self._stub.CallTools(request, timeout=t), timeout_s, "the inference service"
         )
-        return CallToolsResult(
-            calls=emitted_from_proto(response.calls),
-            stats=GenerationStats(
-                lane=response.lane.lane,
-                model=response.lane.model,
-                usage=_usage(response.usage),
-                elapsed_s=_seconds(response.elapsed),
-                generations=max(1, response.generations),
-            ),
-        )
+        return call_tools_result(response)
 
     async def answer(
         self,
@@ -339,14 +222,13 @@ class GrpcInference:
         max_tokens: int,
         timeout_s: float,
     ) -> AsyncGenerator[ComposeDelta | ToolCallsChosen | ComposeDone, None]:
-        mode = _TOOL_CHOICE.get(tool_choice)
-        request = inference_pb2.StreamGenerateRequest(
-            messages=[message_to_proto(m) for m in messages],
-            lane=lane_to_proto(lane),
-            sampling=inference_pb2.SamplingParams(max_tokens=max_tokens),
-            tools=[tool_to_proto(t) for t in tools],
-            tool_choice=inference_pb2.ToolChoice(mode=mode) if mode else None,
-            max_calls=max_calls if mode else 0,
+        request = stream_request(
+            messages,
+            tools,
+            lane,
+            tool_choice=tool_choice,
+            max_calls=max_calls,
+            max_tokens=max_tokens,
         )
         deadline = Deadline.after(timeout_s)
         attempt = 1
@@ -359,7 +241,7 @@ class GrpcInference:
                 except grpc.aio.AioRpcError as error:
                     # Refused before the first token (the engine's budget is full): like the
                     # unary calls, wait the hint and retry while the deadline has room.
-                    delay = _capacity_delay(error, attempt, deadline)
+                    delay = capacity_delay(retry_after(error), attempt, deadline)
                     if delay is None:
                         raise
                     attempt += 1
@@ -368,12 +250,9 @@ class GrpcInference:
                         request, timeout=max(deadline.time_remaining(), 0.001)
                     )
             async for response in _chain(first, call):
-                if response.HasField("summary"):
-                    yield ComposeDone(_generation_stats(response.summary))
-                elif response.HasField("tool_calls"):
-                    yield ToolCallsChosen(emitted_from_proto(response.tool_calls.calls))
-                elif response.text_delta:
-                    yield ComposeDelta(response.text_delta)
+                item = answer_item(response)
+                if item is not None:
+                    yield item
         except grpc.aio.AioRpcError as error:
             raise domain_error(error, "the inference service") from None
         finally:
@@ -390,27 +269,13 @@ class GrpcInference:
         truncate_to: int = 0,
         timeout_s: float,
     ) -> TokenCount:
-        request = inference_pb2.CountTokensRequest(
-            messages=[message_to_proto(m) for m in messages],
-            tools=[tool_to_proto(t) for t in tools],
-            lane=lane_to_proto(lane),
-            texts=list(texts),
-            truncate_texts_to=truncate_to,
-        )
+        request = count_tokens_request(messages, tools, lane, texts=texts, truncate_to=truncate_to)
         response: inference_pb2.CountTokensResponse = await _unary(
             lambda t: self._stub.CountTokens(request, timeout=t),
             timeout_s,
             "the inference service",
         )
-        return TokenCount(
-            prompt_tokens=response.prompt_tokens,
-            max_model_len=response.max_model_len,
-            message_tokens=tuple(response.message_tokens),
-            text_tokens=tuple(t.tokens for t in response.texts),
-            truncated_texts=tuple(
-                t.truncated_text if t.truncated else None for t in response.texts
-            ),
-        )
+        return token_count(response)
 
 
 class GrpcTools:
@@ -425,7 +290,7 @@ class GrpcTools:
             timeout_s,
             "the tool service",
         )
-        return [tool_from_proto(t) for t in response.tools]
+        return tools_listed(response)
 
     async def execute(
         self,
@@ -434,18 +299,7 @@ class GrpcTools:
         principal: Principal,
         timeout_s: float,
     ) -> list[ToolOutcome]:
-        request = tools_pb2.ExecuteToolsRequest(
-            invocations=[
-                tools_pb2.ToolInvocation(
-                    call_id=i.call_id,
-                    name=i.name,
-                    arguments_json=i.arguments_json,
-                    idempotency_key=i.idempotency_key,
-                    timeout_ms=i.timeout_ms,
-                )
-                for i in invocations
-            ]
-        )
+        request = execute_tools_request(invocations)
         response: tools_pb2.ExecuteToolsResponse = await _unary(
             lambda t: self._stub.ExecuteTools(
                 request, timeout=t, metadata=((PRINCIPAL_HEADER, principal.header()),)
@@ -453,20 +307,4 @@ class GrpcTools:
             timeout_s,
             "the tool service",
         )
-        return [
-            ToolOutcome(
-                call_id=r.call_id,
-                name=r.name,
-                status=tools_pb2.ToolResultStatus.Name(r.status).removeprefix(  # type: ignore[arg-type]
-                    "TOOL_RESULT_STATUS_"
-                ),
-                error_message=r.error_message,
-                result_json=r.result_json,
-                fenced_result=r.fenced_result,
-                truncated=r.truncated,
-                latency_s=_seconds(r.latency),
-                source=r.source,
-                replayed=r.replayed,
-            )
-            for r in response.results
-        ]
+        return tool_outcomes(response)

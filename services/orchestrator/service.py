@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 from agentmesh.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -24,6 +25,7 @@ from services.orchestrator.clients import (
     GrpcTools,
 )
 from services.orchestrator.config import OrchestratorSettings
+from services.orchestrator.loop.ports import InferencePort, ToolsPort
 from services.orchestrator.loop.runner import TurnRunner
 from services.orchestrator.loop.trace import Tracers, TurnTracer
 from services.orchestrator.metrics import OrchestratorMetrics
@@ -41,6 +43,9 @@ from shared.config import ClientSettings
 from shared.guard import RequestChecks
 from shared.health import HealthReporter
 from shared.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from services.orchestrator.inprocess import InProcessBackends
 
 log = logging.getLogger("agentmesh.orchestrator")
 
@@ -66,7 +71,10 @@ class OrchestratorService:
         metrics_registry: CollectorRegistry | None = None,
         directory: LaneDirectory | None = None,
         telemetry: Telemetry | None = None,
+        backends: InProcessBackends | None = None,
     ) -> None:
+        """``backends``: the inference and tools services in this process (the whole agent
+        in one process, services/orchestrator/inprocess.py) instead of channels to them."""
         self.settings = settings
         self.telemetry = telemetry or Telemetry.from_settings(settings.telemetry, self.name)
         # Pass the same registry to GrpcServer so /metrics exports these series.
@@ -78,12 +86,24 @@ class OrchestratorService:
             settings.resolved_store_url(), prefix=settings.session_store_prefix
         )
         self._channels: list[grpc.aio.Channel] = []
+        self.backends = backends
         # Built from settings.topology in register() unless given (tests pass their own).
         self.directory: LaneDirectory | None = directory
         self._servicer: AgentServicer | None = None
         self.agent: Agent | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
+        inference, tools = self._ports()
+        self.agent = build_agent(self.settings, self.store, inference, tools, self.telemetry)
+        access = SessionAccess(self.settings.caps, self.settings.ceilings.caps)
+        self._servicer = AgentServicer(self.agent, self.metrics, access)
+        orchestrator_pb2_grpc.add_AgentServiceServicer_to_server(self._servicer, server)
+
+    def _ports(self) -> tuple[InferencePort, ToolsPort]:
+        """The in-process backends' ports, else gRPC clients over channels (the lane
+        directory's when a topology is configured)."""
+        if self.backends is not None:
+            return self.backends.inference, self.backends.tools
         settings = self.settings
         inference_channel = _channel(settings.inference, INFERENCE_RETRY_METHODS, self.telemetry)
         tools_channel = _channel(settings.tools, TOOLS_RETRY_METHODS, self.telemetry)
@@ -101,38 +121,25 @@ class OrchestratorService:
             )
         if self.directory is not None:
             inference = RoutedInference(self.directory, settings.profile.lane_ladder)
-        tracers: list[TurnTracer] = [OtelTurnTracer(self.telemetry)]
-        if settings.record_turns_path is not None:
-            tracers.append(TurnRecorder(settings.record_turns_path))
-        recorded = RecordedTools(tools, self.store)
-        runner = TurnRunner(inference, recorded, settings.profile, tracer=Tracers(tracers))
-        self.agent = Agent(
-            self.store,
-            runner,
-            tools,
-            settings.caps,
-            ceilings=settings.ceilings,
-            lease_ttl_s=settings.lease_ttl_s,
-            history_window_messages=settings.history_window_messages,
-            turn_tools=recorded,
-        )
-        access = SessionAccess(settings.caps, settings.ceilings.caps)
-        self._servicer = AgentServicer(self.agent, self.metrics, access)
-        orchestrator_pb2_grpc.add_AgentServiceServicer_to_server(self._servicer, server)
+        return inference, tools
 
     def request_checks(self) -> RequestChecks:
         return orchestrator_request_checks(self.settings.limits)
 
     async def warm_up(self, health: HealthReporter) -> None:
-        """Open the store, wait for inference and tools to be SERVING, read the registry."""
+        """Open the store, wait for inference and tools to be SERVING (or start them, in
+        process), read the registry."""
         assert self.agent is not None and self._servicer is not None
         await self.store.open()
-        inference_channel, tools_channel = self._channels
-        wait_s = self.settings.dependency_wait_s
-        await asyncio.gather(
-            _wait_serving(tools_channel, TOOLS_SERVICE, wait_s),
-            self._wait_inference(inference_channel, wait_s),
-        )
+        if self.backends is not None:
+            await self.backends.start(health)
+        else:
+            inference_channel, tools_channel = self._channels
+            wait_s = self.settings.dependency_wait_s
+            await asyncio.gather(
+                _wait_serving(tools_channel, TOOLS_SERVICE, wait_s),
+                self._wait_inference(inference_channel, wait_s),
+            )
         registry = await self.agent.registry()
         log.info("tool registry: %s", ", ".join(t.name for t in registry))
         self._servicer.ready = True
@@ -160,7 +167,37 @@ class OrchestratorService:
             await self.directory.close()
         for channel in self._channels:
             await channel.close()
-        await self.store.close()
+        try:
+            await self.store.close()
+        finally:
+            if self.backends is not None:
+                await self.backends.close()
+
+
+def build_agent(
+    settings: OrchestratorSettings,
+    store: SessionStore,
+    inference: InferencePort,
+    tools: ToolsPort,
+    telemetry: Telemetry,
+) -> Agent:
+    """The agent over ``inference`` and ``tools`` (gRPC clients or in-process ports): the
+    turn runner with its tracers, finished tool calls recorded per turn in ``store``."""
+    tracers: list[TurnTracer] = [OtelTurnTracer(telemetry)]
+    if settings.record_turns_path is not None:
+        tracers.append(TurnRecorder(settings.record_turns_path))
+    recorded = RecordedTools(tools, store)
+    runner = TurnRunner(inference, recorded, settings.profile, tracer=Tracers(tracers))
+    return Agent(
+        store,
+        runner,
+        tools,
+        settings.caps,
+        ceilings=settings.ceilings,
+        lease_ttl_s=settings.lease_ttl_s,
+        history_window_messages=settings.history_window_messages,
+        turn_tools=recorded,
+    )
 
 
 async def _wait_serving(channel: grpc.aio.Channel, service: str, wait_s: float) -> None:

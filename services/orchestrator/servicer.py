@@ -14,7 +14,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from services.orchestrator.access import SessionAccess
 from services.orchestrator.agent import Agent
-from services.orchestrator.clients import message_to_proto
+from services.orchestrator.downstream import message_to_proto
 from services.orchestrator.loop import events as ev
 from services.orchestrator.loop.policy import Caps
 from services.orchestrator.loop.types import Action, ActionState

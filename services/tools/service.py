@@ -20,6 +20,7 @@ from services.tools.handlers import Toolbox
 from services.tools.principal import Principal
 from services.tools.registry import Effect, Registry, default_registry
 from services.tools.request_checks import tools_request_checks
+from shared.deadlines import Deadline
 from shared.errors import InvalidArgument, Unavailable
 from shared.guard import RequestChecks
 from shared.health import HealthReporter
@@ -102,10 +103,7 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):  # type: ignore[misc]
     async def ListTools(
         self, request: tools_pb2.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tools_pb2.ListToolsResponse:
-        registry = self._service.registry
-        return tools_pb2.ListToolsResponse(
-            tools=spec_to_pb(registry), registry_version=registry.version
-        )
+        return self._service.list_tools()
 
     async def ExecuteTool(
         self, request: tools_pb2.ExecuteToolRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -126,10 +124,7 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):  # type: ignore[misc]
         self, request: tools_pb2.ExecuteToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tools_pb2.ExecuteToolsResponse:
         principal = Principal.from_metadata(context.invocation_metadata())
-        results = await self._service.executor().execute_many(
-            [invocation_from_pb(inv) for inv in request.invocations], principal
-        )
-        return tools_pb2.ExecuteToolsResponse(results=[result_to_pb(r) for r in results])
+        return await self._service.execute_tools(request, principal)
 
 
 class ToolsService:
@@ -189,6 +184,27 @@ class ToolsService:
         if self._executor is None:
             raise Unavailable("the tool service is still warming up")
         return self._executor
+
+    # What ListTools and ExecuteTools answer; the in-process adapter of the orchestrator
+    # (services/orchestrator/inprocess.py) calls these too.
+
+    def list_tools(self) -> tools_pb2.ListToolsResponse:
+        return tools_pb2.ListToolsResponse(
+            tools=spec_to_pb(self.registry), registry_version=self.registry.version
+        )
+
+    async def execute_tools(
+        self,
+        request: tools_pb2.ExecuteToolsRequest,
+        principal: Principal,
+        deadline: Deadline | None = None,
+    ) -> tools_pb2.ExecuteToolsResponse:
+        """The batch, concurrently, on behalf of ``principal`` (every principal-bound argument
+        bound to it); ``deadline``: the caller's (else the serving RPC's)."""
+        results = await self.executor().execute_many(
+            [invocation_from_pb(inv) for inv in request.invocations], principal, deadline
+        )
+        return tools_pb2.ExecuteToolsResponse(results=[result_to_pb(r) for r in results])
 
     async def close(self) -> None:
         if self._backends is not None and self._owns_backends:

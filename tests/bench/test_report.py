@@ -94,7 +94,36 @@ def synthetic() -> dict[str, dict[str, Any]]:
         ],
         "size": "quick",
     }
-    return {"offline": offline, "serve": serve, "turns": turns, "extra": {"error": "exited 1"}}
+    overhead = {
+        "turns": [
+            _overhead_turn("mesh", 1, 7.0),
+            _overhead_turn("inprocess", 1, 6.9),
+            *[_overhead_turn("mesh", 10, 9.0 + i / 10) for i in range(10)],
+            *[_overhead_turn("inprocess", 10, 8.95 + i / 10) for i in range(9)],
+            {**_overhead_turn("inprocess", 10, 0.0), "ok": False, "error": "UNAVAILABLE: x"},
+        ],
+        "blocks": [
+            {"config": "mesh", "sessions": 1, "block": 0, "wall": 7.0, "refusals": 0.0},
+            {"config": "inprocess", "sessions": 1, "block": 0, "wall": 6.9, "refusals": 0.0},
+            {"config": "mesh", "sessions": 10, "block": 0, "wall": 12.0, "refusals": 2.0},
+            {"config": "inprocess", "sessions": 10, "block": 0, "wall": 12.0, "refusals": 1.0},
+        ],
+        "startup_s": {"mesh": 60.0, "inprocess": 50.0},
+        "size": "quick",
+    }
+    return {
+        "offline": offline,
+        "serve": serve,
+        "turns": turns,
+        "overhead": overhead,
+        "extra": {"error": "exited 1"},
+    }
+
+
+def _overhead_turn(config: str, sessions: int, wall: float) -> dict[str, Any]:
+    """A turn of the overhead section: its LLM stages (plan 2 + emit 1 + compose 3 s, 4 ms of
+    it network) are the same on both configurations, so wall - 5.996 s is outside the core."""
+    return {**_turn(wall), "config": config, "sessions": sessions, "block": 0, "tool_self": 0.08}
 
 
 def test_report_writes_markdown_json_and_plots(tmp_path: Path) -> None:
@@ -103,6 +132,7 @@ def test_report_writes_markdown_json_and_plots(tmp_path: Path) -> None:
         "serve",
         "prefix",
         "turn_floor",
+        "overhead_breakdown",
         "overhead",
         "capacity",
         "budget",
@@ -129,7 +159,8 @@ def test_report_writes_markdown_json_and_plots(tmp_path: Path) -> None:
         "## Targets",
         "vllm serve",
         "A whole turn vs its floor",
-        "Mesh overhead",
+        "Mesh overhead: three processes vs one process",
+        "Mesh gaps per turn from the latency breakdown",
         "Capacity",
         "rtx4090",
         "sequential LLM stages",
@@ -176,6 +207,33 @@ def test_a_failed_floor_section_still_reports_the_rest(tmp_path: Path) -> None:
     data["offline"] = {"error": "exited 1 after 3s"}
     sections = assemble(data)
     assert "serve" not in sections and "turn_floor" not in sections
-    assert {"overhead", "capacity", "budget", "offline_error"} <= set(sections)
+    assert {"overhead", "overhead_breakdown", "capacity", "budget", "offline_error"} <= set(
+        sections
+    )
     write_report(sections, tmp_path)
     assert "exited 1 after 3s" in (tmp_path / "report.md").read_text()
+
+
+def test_overhead_is_mesh_minus_one_process_outside_the_inference_core() -> None:
+    sec = assemble(synthetic())["overhead"]
+    per_config, parts, added = (t["rows"] for t in sec["tables"])
+    assert [(r[0], r[1], r[2], r[3]) for r in per_config] == [
+        (1, "mesh (3 processes)", 1, 0),
+        (1, "one process", 1, 0),
+        (10, "mesh (3 processes)", 10, 0),
+        (10, "one process", 9, 1),
+    ]
+    assert [r[10] for r in per_config] == [0.0, 0.0, 2.0, 1.0]  # full-lane refusals
+    core = 2.0 + 1.0 + 3.0 - 0.004
+    assert per_config[0][6] == core
+    assert per_config[0][7] == (7.0 - core) * 1000
+    # Outside 1004 ms: edge 2, network 4, tool wall 100 (80 of it the tool service's), rest.
+    assert [round(x, 6) for x in parts[0][2:]] == [2.0, 4.0, 100.0, 80.0, 898.0]
+    at1, at10 = added
+    assert at1[0] == 1 and round(at1[3], 6) == 100.0  # 7.0 s vs 6.9 s, same core time
+    # Nearest rank: p50 mesh 9.4 s vs one process 9.35 s; p95 9.9 s vs 9.75 s.
+    assert round(at10[3], 6) == 50.0 and round(at10[4], 6) == 150.0
+    assert round(at10[1], 6) == 50.0  # the walls differ by as much (same core time)
+    targets = {t["name"]: t for t in sec["targets"]}
+    assert targets["added ms p50 @ 10 sessions"]["met"] is False
+    assert targets["added ms p95 @ 10 sessions"]["target"] == "<= 20"

@@ -175,7 +175,7 @@ async def replay(
 
 def demo_registry() -> tuple[ToolDef, ...]:
     """The tool service's default registry as the orchestrator sees it (no tools service)."""
-    from services.orchestrator.clients import tool_from_proto
+    from services.orchestrator.downstream import tool_from_proto
     from services.tools.registry import default_registry
     from services.tools.service import spec_to_pb
 
