@@ -45,7 +45,7 @@ from shared.config import ClientSettings
 from shared.errors import InvalidArgument
 from shared.server import GrpcServer
 from shared.telemetry import Telemetry
-from tests.inference.fakes import FakeEngineFactory
+from tests.inference.fakes import FakeEngineFactory, hermes_rest, prefilled_tool
 from tests.tools.fakes import HashEmbedder
 
 PLAN = {
@@ -72,9 +72,10 @@ def script(ids: list[int], params: GenParams) -> str:
     if stage == "plan":
         return json.dumps(PLAN)
     if stage == "emit":
-        (name,) = [n for n in ARGS if f'\\"{n}\\"' in (params.grammar or "")]
-        body = json.dumps({"name": name, "arguments": ARGS[name]})
-        return f"<tool_call>\n{body}\n</tool_call>"
+        # CallTools prefilled the call's opener: the model writes the arguments and the closer.
+        name = prefilled_tool(ids)
+        assert name in ARGS, prompt[-80:]
+        return hermes_rest(ARGS[name])
     return ANSWER
 
 
