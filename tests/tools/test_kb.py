@@ -150,3 +150,29 @@ async def test_embeddings_are_normalised_and_meaningful(minilm: MiniLmEmbedder) 
 def test_article_round_trips_through_json() -> None:
     article = Article("KB-1", "T", "Body.", "billing", ("a", "b"))
     assert Article.from_json(json.loads(json.dumps(article.to_json()))) == article
+
+
+async def test_query_embeddings_run_on_the_configured_intra_op_threads() -> None:
+    """One embedding call computes on ``threads`` torch threads (OpenMP's count belongs to
+    the thread that calls it: the worker the encode runs in), whatever torch's default is,
+    and the caller's own count is left as it was."""
+    import numpy as np
+    import torch
+
+    seen: list[int] = []
+
+    class Model:
+        def get_sentence_embedding_dimension(self) -> int:
+            return 384
+
+        def encode(self, texts: list[str], **kwargs: object) -> object:
+            seen.append(torch.get_num_threads())
+            return np.ones((len(texts), 384), dtype=np.float32)
+
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        embedder = MiniLmEmbedder(Model(), name="spy", threads=threads)
+        vectors = await embedder.embed(["refund for a duplicate charge"])
+        assert vectors.shape == (1, 384)
+    assert seen == [1, 2]
+    assert torch.get_num_threads() == before

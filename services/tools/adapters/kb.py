@@ -162,9 +162,10 @@ class MiniLmEmbedder:
 
     dim = 384
 
-    def __init__(self, model: Any, name: str) -> None:
+    def __init__(self, model: Any, name: str, threads: int = 1) -> None:
         self._model = model
         self.name = name
+        self._threads = threads
         measure = (
             getattr(model, "get_embedding_dimension", None)
             or model.get_sentence_embedding_dimension
@@ -172,7 +173,7 @@ class MiniLmEmbedder:
         self.dim = int(measure() or 384)
 
     @classmethod
-    async def load(cls, path: Path | None = None) -> MiniLmEmbedder:
+    async def load(cls, path: Path | None = None, threads: int = 1) -> MiniLmEmbedder:
         from services.tools.config import enforce_offline_models
 
         enforce_offline_models()
@@ -186,10 +187,14 @@ class MiniLmEmbedder:
             return SentenceTransformer(str(folder), device="cpu", local_files_only=True)
 
         model = await asyncio.to_thread(_load)
-        return cls(model, name=f"all-MiniLM-L6-v2@{folder.name}")
+        return cls(model, name=f"all-MiniLM-L6-v2@{folder.name}", threads=threads)
 
     async def embed(self, texts: Sequence[str]) -> Vector:
         def _encode() -> Vector:
+            import torch
+
+            # Per thread: OpenMP's thread count is the calling thread's (this worker's).
+            torch.set_num_threads(self._threads)
             vectors = self._model.encode(
                 list(texts),
                 batch_size=32,
