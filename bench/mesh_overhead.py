@@ -11,10 +11,13 @@ tools data. The bench's client (this process) talks AgentService gRPC to both:
 
 Both read config/embedded.yaml (the embedded preset), listen on free 127.0.0.1 ports, keep
 their SQLite stores (seeded with the same demo data) in a temporary folder and run one tool
-round per turn. Both are up at once (one engine each; turns run on one of them at a time), so
-their blocks alternate instead of running minutes apart: at one session every scripted turn
-runs on both back to back, the order alternating; at N sessions each block of N sessions at
-once runs on one then the other, the order alternating from block to block.
+round per turn. Both are placed alike on the CPU: tools and orchestrator start where
+`agentmesh up` starts them (cli/placement.py); the inference service and the one process pin
+themselves off the engine's OpenMP team once it started (services/inference/placement.py).
+Both are up at once (one engine each; turns run on one of them at a time), so their blocks
+alternate instead of running minutes apart: at one session every scripted turn runs on both
+back to back, the order alternating; at N sessions each block of N sessions at once runs on
+one then the other, the order alternating from block to block.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ class Stack:
     metrics_port: int
     children: list[Child] = field(default_factory=list)
     startup_s: float = 0.0
+    # Where its processes run (mesh: what `agentmesh up` would say).
+    placement: str = ""
 
     async def refusals(self) -> float:
         """Requests the inference service refused at a full lane or engine so far (each
@@ -177,6 +182,8 @@ async def _spawn(name: str, module: str, env: dict[str, str], folder: Path) -> C
 
 
 async def start_mesh(folder: Path, plan: Plan) -> Stack:
+    from cli.placement import mesh_placement
+
     base = _base_env(plan)
     ports = {name: free_port() for name in ("tools", "inference", "orchestrator", "metrics")}
     stack = Stack("mesh", f"127.0.0.1:{ports['orchestrator']}", ports["metrics"])
@@ -199,8 +206,13 @@ async def start_mesh(folder: Path, plan: Plan) -> Stack:
             },
         ),
     )
+    # Tools and orchestrator on the cores off the engine's OpenMP team, as `agentmesh up`
+    # starts them (the inference service and the one process pin themselves at engine start).
+    placement = mesh_placement([name for name, _ in specs], base)
+    stack.placement = placement.summary or "cpu placement: none"
     for name, own in specs:
-        child = await _spawn(name, f"services.{name}", {**base, **own}, folder)
+        env = {**base, **own, **placement.env.get(name, {})}
+        child = await _spawn(name, f"services.{name}", env, folder)
         stack.children.append(child)
     return stack
 
@@ -214,6 +226,9 @@ async def start_inprocess(folder: Path, plan: Plan) -> Stack:
         **_orchestrator_env(folder, port, metrics_port),  # one registry: every service's
     }
     stack = Stack("inprocess", f"127.0.0.1:{port}", metrics_port)
+    # Like the mesh's inference service: pinned with its engine core off the OpenMP team once
+    # the engine started (the inference settings' cpu_affinity "auto"; its log says where).
+    stack.placement = "cpu placement: the process pins itself at engine start (cpu_affinity auto)"
     stack.children.append(await _spawn("inprocess", "services.orchestrator.inprocess", env, folder))
     return stack
 
@@ -330,6 +345,8 @@ async def measure(
             await asyncio.gather(*(wait_serving(s, began) for s in stacks))
             for s in stacks:
                 out["startup_s"][s.name] = s.startup_s
+                out.setdefault("placement", {})[s.name] = s.placement
+                say(f"overhead: {s.name} {s.placement}")
             say(
                 "overhead: both up (mesh "
                 f"{stacks[0].startup_s:.0f}s, in-process {stacks[1].startup_s:.0f}s)"

@@ -77,6 +77,7 @@ def resolved_engine_args(
         read_kv_shape(model_path),
         settings.kvcache_gib(),
         settings.cpu_omp_threads_bind,
+        "",  # this process is not pinned around the engines it starts
     )
     for line in setup.describe():
         progress(f"engine {line}")

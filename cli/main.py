@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cli import chat, models, replay
+from cli.placement import host_facts, mesh_placement
 from cli.supervisor import ChildSpec, Supervisor, run_until_signalled
+from services.inference.machine import MachineFacts
 from shared.config import BootstrapSettings, child_process_environment
 
 app = typer.Typer(help="agentmesh: a gRPC agent backend on vLLM.", no_args_is_help=True)
@@ -42,20 +45,35 @@ MESH = (
 )
 
 
-def mesh_children(only: list[str], config: Path | None) -> list[ChildSpec]:
-    """The services `up` supervises, in start order."""
+def mesh_children(
+    only: list[str],
+    config: Path | None,
+    facts: Callable[[], MachineFacts] = host_facts,
+    say: Callable[[str], None] | None = None,
+) -> list[ChildSpec]:
+    """The services `up` supervises, in start order; on a CPU engine's machine tools and
+    orchestrator on the cores off its OpenMP team (cli/placement.py), said through ``say``."""
     env = child_process_environment(config)
+    chosen = [spec for spec in MESH if not only or spec.name in only]
+    placement = mesh_placement([spec.name for spec in chosen], env, facts)
+    if placement.summary and say is not None:
+        say(placement.summary)
     return [
-        ChildSpec(spec.name, (sys.executable, "-m", spec.module), env, spec.colour)
-        for spec in MESH
-        if not only or spec.name in only
+        ChildSpec(
+            spec.name,
+            (sys.executable, "-m", spec.module),
+            {**env, **placement.env.get(spec.name, {})},
+            spec.colour,
+        )
+        for spec in chosen
     ]
 
 
 async def _run_mesh(only: list[str], config: Path | None) -> int:
     if config is not None:
         console.print(f"config: {config}")
-    supervisor = Supervisor(mesh_children(only, config), console)
+    children = mesh_children(only, config, say=lambda line: console.print(line, highlight=False))
+    supervisor = Supervisor(children, console)
     return await run_until_signalled(supervisor, console)
 
 

@@ -8,16 +8,17 @@ reads its own top-level section (``inference:``, ``tools:``, ``orchestrator:``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
+from shared.cpu_affinity import parse_id_list
 from shared.telemetry import TelemetrySettings
 
 DEFAULT_DATA_DIR = Path("var")
@@ -148,6 +149,35 @@ class ServiceSettings(BaseSettings):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     # OpenTelemetry traces (exporter none by default; see shared/telemetry.py).
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    # The CPU cores every thread of this process runs on, in vLLM's core-list syntax ("1",
+    # "2-3,6"), pinned by the bootstrap before the event loop starts; empty: left to the OS.
+    # `agentmesh up` sets it for tools and orchestrator on a CPU engine's machine (the cores
+    # off the engine's OpenMP team) unless it is set.
+    cpu_affinity: str = ""
+    # Words a service accepts for cpu_affinity besides a core list (the inference service's
+    # "auto"); the service applies them itself.
+    cpu_affinity_keywords: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("cpu_affinity")
+    @classmethod
+    def _core_list(cls, value: str) -> str:
+        value = value.strip()
+        if value and value.lower() not in cls.cpu_affinity_keywords:
+            try:
+                parse_id_list(value)
+            except ValueError:
+                raise ValueError(
+                    f"cpu_affinity {value!r} is not a core list such as 1 or 2-3,6"
+                ) from None
+        return value
+
+    def pinned_cores(self) -> list[int] | None:
+        """The cores the bootstrap pins this process to; None: leave it (empty, or a keyword
+        the service applies itself)."""
+        value = self.cpu_affinity
+        if not value or value.lower() in self.cpu_affinity_keywords:
+            return None
+        return parse_id_list(value)
 
 
 class ClientSettings(BaseModel):

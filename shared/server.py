@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from shared.auth import Authenticator
 from shared.config import ServiceSettings
+from shared.cpu_affinity import pin_process
 from shared.guard import RequestChecks, RequestGuardInterceptor
 from shared.health import HealthReporter
 from shared.interceptors import DrainInterceptor, default_interceptors
@@ -264,9 +265,13 @@ async def serve(
 
 
 def run_service(service: Service, settings: ServiceSettings) -> int:
-    """Blocking entry point for ``python -m services.<name>``: logging, uvloop, serve."""
+    """Blocking entry point for ``python -m services.<name>``: logging, the process's CPU
+    cores (``cpu_affinity``), uvloop, serve."""
     import uvloop
 
     configure_logging(settings.log_level, settings.log_format, service.name)
+    cores = settings.pinned_cores()
+    if cores is not None:
+        pin_process(cores, what=service.name)
     code: int = uvloop.run(serve(service, settings))
     return code

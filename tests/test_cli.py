@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from cli.main import mesh_children
 from cli.supervisor import Backoff, ChildSpec, Supervisor
+from services.inference.machine import LogicalCpu, MachineFacts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,3 +215,80 @@ def test_backoff_doubles_to_its_cap_and_resets_after_a_stable_run() -> None:
         delays.append(delay)
     assert delays == [1, 2, 4, 5, 5]
     assert backoff.next_delay(5, uptime_s=61) == 1
+
+
+# ---- agentmesh up: where tools and orchestrator run ----------------------------------------
+
+TOOLS_VAR = "AGENTMESH_TOOLS_CPU_AFFINITY"
+ORCHESTRATOR_VAR = "AGENTMESH_ORCHESTRATOR_CPU_AFFINITY"
+EMBEDDED_YAML = REPO / "config" / "embedded.yaml"
+TWO_CORES = MachineFacts("cpu", cpus=(LogicalCpu(0, 0), LogicalCpu(1, 1)))
+
+
+def affinity_env(children: list[ChildSpec]) -> dict[str, dict[str, str]]:
+    placed = (TOOLS_VAR, ORCHESTRATOR_VAR)
+    return {c.name: {k: v for k, v in (c.env or {}).items() if k in placed} for c in children}
+
+
+def not_asked() -> MachineFacts:
+    raise AssertionError("the machine is read only when a service is placed")
+
+
+@pytest.fixture
+def no_placement_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """None of the settings the placement reads comes from this test's environment."""
+    for var in list(os.environ):
+        if var.startswith("AGENTMESH_"):
+            monkeypatch.delenv(var)
+
+
+@pytest.mark.usefixtures("no_placement_env")
+def test_up_starts_tools_and_orchestrator_off_the_engines_openmp_team() -> None:
+    said: list[str] = []
+    children = mesh_children([], EMBEDDED_YAML, facts=lambda: TWO_CORES, say=said.append)
+    assert affinity_env(children) == {
+        "tools": {TOOLS_VAR: "1"},
+        "inference": {},
+        "orchestrator": {ORCHESTRATOR_VAR: "1"},
+    }
+    assert said == [
+        "cpu placement: tools on 1, orchestrator on 1, inference on 1 once its engine started "
+        "(its OpenMP team on the rest)"
+    ]
+
+
+@pytest.mark.usefixtures("no_placement_env")
+def test_up_leaves_alone_what_the_user_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(TOOLS_VAR, "0")
+    said: list[str] = []
+    children = mesh_children([], EMBEDDED_YAML, facts=lambda: TWO_CORES, say=said.append)
+    # The user's variable is in every child's environment (as any other of theirs).
+    assert affinity_env(children) == {
+        "tools": {TOOLS_VAR: "0"},
+        "inference": {TOOLS_VAR: "0"},
+        "orchestrator": {TOOLS_VAR: "0", ORCHESTRATOR_VAR: "1"},
+    }
+    assert said == [
+        "cpu placement: orchestrator on 1, tools as configured, inference on 1 once its engine "
+        "started (its OpenMP team on the rest)"
+    ]
+    # Set in the config file: the services read it themselves.
+    monkeypatch.delenv(TOOLS_VAR)
+    config = tmp_path / "mesh.yaml"
+    config.write_text(
+        "inference: {preset: embedded}\ntools: {cpu_affinity: '0'}\n"
+        "orchestrator: {cpu_affinity: ''}\n"
+    )
+    children = mesh_children([], config, facts=not_asked, say=said.append)
+    assert affinity_env(children) == {"tools": {}, "inference": {}, "orchestrator": {}}
+
+
+@pytest.mark.usefixtures("no_placement_env")
+def test_up_places_nothing_on_a_gpu_or_without_its_inference_service() -> None:
+    said: list[str] = []
+    gpu = mesh_children([], EMBEDDED_YAML, facts=lambda: MachineFacts("cuda"), say=said.append)
+    assert affinity_env(gpu) == {"tools": {}, "inference": {}, "orchestrator": {}}
+    assert said == ["cpu placement: none (the engine runs on the GPU)"]
+    # An inference service `up` does not start is not its to place around.
+    alone = mesh_children(["tools", "orchestrator"], EMBEDDED_YAML, facts=not_asked)
+    assert affinity_env(alone) == {"tools": {}, "orchestrator": {}}

@@ -7,7 +7,8 @@ import os
 import signal
 
 from services.inference.config import InferenceSettings
-from services.inference.service import InferenceService, detect_device
+from services.inference.machine import detect_device
+from services.inference.service import InferenceService
 from shared.config import load_settings
 from shared.server import run_service
 

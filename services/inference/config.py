@@ -12,12 +12,13 @@ import logging
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.inference.cpu_threads import AUTO as AUTO_AFFINITY
 from services.inference.cpu_threads import CpuThreadsChoice
 from services.inference.memory_plan import (
     DevicePlan,
@@ -219,6 +220,12 @@ class InferenceSettings(ServiceSettings):
     # "auto" (chosen at engine start, leaving cores to vLLM's scheduler and this service:
     # cpu_threads.py), "nobind", or a core list such as "0-13".
     cpu_omp_threads_bind: str = "auto"
+    # The cores of this process (every thread): "auto" pins it, with vLLM's engine core, to
+    # the allowed cores off the engine's OpenMP team once a CPU engine with a bound team
+    # started (placement.py); a core list pins the whole process, engines included, at start;
+    # empty leaves it alone.
+    cpu_affinity: str = AUTO_AFFINITY
+    cpu_affinity_keywords: ClassVar[frozenset[str]] = frozenset({AUTO_AFFINITY})
     # Calls returned by CallTools when the request does not say (the per-turn cap).
     default_max_tool_calls: int = Field(default=5, ge=1)
     # Threads that render templates and tokenize (off the event loop); the tokenizer is shared

@@ -425,7 +425,7 @@ class InferenceCore:
                     kv_cache_tokens=setup.kv_cache.tokens,
                     kv_cache_reason=setup.kv_cache.reason,
                     cpu_threads_bind=setup.cpu_threads.bind,
-                    cpu_threads_reason=setup.cpu_threads.reason,
+                    cpu_threads_reason=setup.cpu_threads_reason,
                 )
             )
         return pb.ListLanesResponse(preset=self.config.preset, lanes=lanes)

@@ -23,16 +23,25 @@ service needs it, while taking a second core would halve a 2-thread team (and le
 leave the binding to vLLM (several ranks, or an unknown topology). An explicit
 ``cpu_omp_threads_bind`` wins.
 
-:func:`choose_cpu_threads` is pure (facts in, choice and reason out) so each machine kind is
-unit-tested.
+The team is bound, nothing else is: the Linux scheduler keeps putting the service's event
+loop, vLLM's engine core and the mesh's other processes on the team's cores, next to spinning
+OpenMP threads. :func:`choose_service_cores` picks the allowed cores off the team (the
+service's ``cpu_affinity`` "auto"): the service and its engine core are pinned there once the
+engine started (services/inference/placement.py), and ``agentmesh up`` starts the tools and
+orchestrator services there.
+
+:func:`choose_cpu_threads` and :func:`choose_service_cores` are pure (facts in, choice and
+reason out) so each machine kind is unit-tested.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from services.inference.machine import LogicalCpu
+from shared.cpu_affinity import format_id_list, parse_id_list
 
 AUTO = "auto"
 NOBIND = "nobind"
@@ -105,24 +114,60 @@ def choose_cpu_threads(
     )
 
 
-def format_id_list(ids: Iterable[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"`` (vLLM's core-list syntax)."""
-    runs: list[list[int]] = []
-    for i in sorted(set(ids)):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+def engine_ranks(engine_args: Mapping[str, Any]) -> int:
+    """Workers of an engine: tensor x pipeline parallel (one OpenMP team each)."""
+    return int(engine_args.get("tensor_parallel_size", 1)) * int(
+        engine_args.get("pipeline_parallel_size", 1)
+    )
 
 
-def parse_id_list(text: str) -> list[int]:
-    """``"0-2,5"`` -> ``[0, 1, 2, 5]``; ValueError on anything else."""
-    ids: set[int] = set()
-    for part in text.split(","):
-        start, sep, end = part.strip().partition("-")
-        ids.update(range(int(start), int(end) + 1) if sep else [int(start)])
-    return sorted(ids)
+@dataclass(frozen=True)
+class ServiceCoresChoice:
+    """Where the process hosting an engine (and vLLM's engine core) runs once it started."""
+
+    # The cores both are pinned to; empty: nothing pinned at engine start.
+    cores: tuple[int, ...]
+    reason: str
+
+
+def choose_service_cores(
+    requested: str, threads: CpuThreadsChoice, cpus: Sequence[LogicalCpu]
+) -> ServiceCoresChoice:
+    """The cores off the engine's OpenMP team, for the service's ``cpu_affinity`` "auto".
+
+    The OpenMP team is bound (an explicit core list), but nothing else is: the service's event
+    loop, its threads and vLLM's engine core would otherwise land on the team's cores too and
+    preempt it. So they go to the allowed ``cpus`` on a physical core the team does not use
+    (an SMT sibling of a team core shares its vector units). Nothing where vLLM binds the
+    team itself (``auto``, ``nobind``), on CUDA, or where no core is left. Any other
+    ``requested`` value is the bootstrap's (an explicit list pinned the whole process before
+    the engine started; empty leaves it alone).
+    """
+    value = requested.strip()
+    if value.lower() != AUTO:
+        why = (
+            f"cpu_affinity {value} (set at start, engine included)"
+            if value
+            else ("cpu_affinity is empty")
+        )
+        return ServiceCoresChoice((), why)
+    if not threads.bind:
+        return ServiceCoresChoice((), "cuda: no OpenMP team on the CPU")
+    if threads.bind.lower() in (AUTO, NOBIND):
+        return ServiceCoresChoice(
+            (), f"auto: vLLM places the OpenMP threads ({threads.bind.lower()})"
+        )
+    try:
+        team = {i for rank in threads.bind.split("|") for i in parse_id_list(rank)}
+    except ValueError:
+        return ServiceCoresChoice((), f"auto: OpenMP binding {threads.bind!r} not a core list")
+    busy = {cpu.physical_core for cpu in cpus if cpu.id in team}
+    off = tuple(
+        sorted(cpu.id for cpu in cpus if cpu.id not in team and cpu.physical_core not in busy)
+    )
+    if not off:
+        return ServiceCoresChoice((), "auto: no allowed core is off the OpenMP team")
+    return ServiceCoresChoice(off, "auto: off the OpenMP team, with vLLM's engine core")
 
 
 def _threads(bind: str) -> int:

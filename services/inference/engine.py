@@ -22,6 +22,7 @@ from services.inference.engine_setup import EngineSetup, choose_engine_setup
 from services.inference.engine_stats import EngineStats
 from services.inference.kv_cache import read_kv_shape
 from services.inference.machine import MachineFacts, machine_facts
+from services.inference.placement import ProcessPlacement
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,10 @@ class VllmEngine:
     # The service's KV cache size in GiB (None: auto) and OpenMP binding ("auto": chosen).
     kv_cache_gib: float | None = None
     cpu_threads_bind: str = "auto"
+    # The service's cpu_affinity and what applies it around the start (shared by the
+    # service's engines); None: this process and the engine core are left where they are.
+    cpu_affinity: str = "auto"
+    placement: ProcessPlacement | None = None
     # Where vLLM's stat logger writes engine state (None: no engine stats).
     stats: EngineStats | None = None
     max_model_len: int = field(init=False)
@@ -136,6 +141,9 @@ class VllmEngine:
     # Engine-core (and other multiprocessing) children killed after a failed or cancelled
     # start: none of them outlives it.
     killed_on_failed_start: list[int] = field(init=False, default_factory=list)
+    # The engine-core processes the start spawned (this process's children; the worker is
+    # theirs).
+    engine_core_pids: list[int] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.max_model_len = int(self.engine_args.get("max_model_len", 4096))
@@ -145,10 +153,18 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         model_path = await asyncio.to_thread(self.resolve, self.model_ref)
+        if self.placement is not None:
+            # Every allowed core again: the facts read them, the engine's worker inherits them.
+            self.placement.before_start()
         facts = await asyncio.to_thread(self.facts, self.device)
         shape = await asyncio.to_thread(read_kv_shape, model_path)
         setup = choose_engine_setup(
-            self.engine_args, facts, shape, self.kv_cache_gib, self.cpu_threads_bind
+            self.engine_args,
+            facts,
+            shape,
+            self.kv_cache_gib,
+            self.cpu_threads_bind,
+            self.cpu_affinity,
         )
         for line in setup.describe():
             log.info("%s %s", self.engine_id, line)
@@ -179,6 +195,15 @@ class VllmEngine:
             # Timed out, cancelled or failed: the engine core must not outlive the attempt.
             await self._abandon_start(build, before)
             raise
+        self.engine_core_pids = [
+            p.pid
+            for p in multiprocessing.active_children()
+            if p.pid is not None and p.pid not in before
+        ]
+        if self.placement is not None:
+            # This process and the engine core off the OpenMP team (the worker, the engine
+            # core's child, keeps its binding): placement.py.
+            self.placement.after_start(setup.service_cores, self.engine_core_pids)
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = int(self._llm.model_config.max_model_len)
         self.max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
@@ -338,6 +363,8 @@ def vllm_engine_factory(
     stats: EngineStats | None = None,
     kv_cache_gib: float | None = None,
     cpu_threads_bind: str = "auto",
+    cpu_affinity: str = "auto",
+    placement: ProcessPlacement | None = None,
 ) -> EngineFactory:
     def make(engine_id: str, model_ref: str, engine_args: dict[str, Any]) -> Engine:
         return VllmEngine(
@@ -350,6 +377,8 @@ def vllm_engine_factory(
             stats=stats,
             kv_cache_gib=kv_cache_gib,
             cpu_threads_bind=cpu_threads_bind,
+            cpu_affinity=cpu_affinity,
+            placement=placement,
         )
 
     return make

@@ -1,8 +1,9 @@
-"""An engine configured for the machine it starts on: dtype, KV cache size, thread binding.
+"""An engine configured for the machine it starts on: dtype, KV cache size, thread binding,
+and the cores the process hosting it runs on off the OpenMP team.
 
 :func:`choose_engine_setup` is pure: the lane's engine arguments, the machine's facts, the
-model's KV shape and the service's two overrides in; the three choices (each with its
-reason) out. The engine logs them at start and ListLanes reports them.
+model's KV shape and the service's overrides in; the choices (each with its reason) out.
+The engine logs them at start and ListLanes reports them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from services.inference.cpu_threads import CpuThreadsChoice, choose_cpu_threads
+from services.inference.cpu_threads import (
+    CpuThreadsChoice,
+    ServiceCoresChoice,
+    choose_cpu_threads,
+    choose_service_cores,
+    engine_ranks,
+)
 from services.inference.dtype import DtypeChoice, choose_dtype
 from services.inference.kv_cache import (
     GIB,
@@ -21,6 +28,7 @@ from services.inference.kv_cache import (
     kv_demand,
 )
 from services.inference.machine import MachineFacts
+from shared.cpu_affinity import format_id_list
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,7 @@ class EngineSetup:
     dtype: DtypeChoice
     kv_cache: KvCacheChoice
     cpu_threads: CpuThreadsChoice
+    service_cores: ServiceCoresChoice
 
     @property
     def device(self) -> str:
@@ -58,7 +67,19 @@ class EngineSetup:
             lines.append(f"OpenMP threads bound to {threads.bind}: {threads.reason}")
         else:
             lines.append(f"OpenMP threads not bound: {threads.reason}")
+        cores = self.service_cores
+        if cores.cores:
+            lines.append(f"process pinned to {format_id_list(cores.cores)}: {cores.reason}")
+        else:
+            lines.append(f"process not pinned at engine start: {cores.reason}")
         return lines
+
+    @property
+    def cpu_threads_reason(self) -> str:
+        """ListLanes' cpu_threads_reason: the binding's reason, then where the rest runs."""
+        if not self.service_cores.reason:
+            return self.cpu_threads.reason
+        return f"{self.cpu_threads.reason}; {self.describe()[-1]}"
 
 
 def choose_engine_setup(
@@ -67,19 +88,19 @@ def choose_engine_setup(
     shape: ModelKvShape | None,
     kv_cache_gib: float | None = None,
     cpu_threads_bind: str = "auto",
+    cpu_affinity: str = "auto",
 ) -> EngineSetup:
-    """``kv_cache_gib`` and ``cpu_threads_bind`` are the service's settings (None / "auto":
-    chosen here)."""
+    """``kv_cache_gib``, ``cpu_threads_bind`` and ``cpu_affinity`` are the service's settings
+    (None / "auto": chosen here)."""
     dtype = choose_dtype(engine_args.get("dtype"), facts)
     demand = kv_demand(engine_args, shape, dtype.dtype)
     kv = choose_kv_cache(
         facts.device, engine_args, kv_cache_gib, facts.available_memory_bytes, demand
     )
-    ranks = int(engine_args.get("tensor_parallel_size", 1)) * int(
-        engine_args.get("pipeline_parallel_size", 1)
-    )
+    ranks = engine_ranks(engine_args)
     threads = choose_cpu_threads(facts.device, cpu_threads_bind, facts.cpus, ranks)
-    return EngineSetup(dtype, kv, threads)
+    cores = choose_service_cores(cpu_affinity, threads, facts.cpus)
+    return EngineSetup(dtype, kv, threads, cores)
 
 
 def not_started(engine_args: Mapping[str, Any]) -> EngineSetup:
@@ -90,4 +111,5 @@ def not_started(engine_args: Mapping[str, Any]) -> EngineSetup:
         DtypeChoice(str(engine_args.get("dtype", "auto")), "", why),
         KvCacheChoice(0, why),
         CpuThreadsChoice("", why),
+        ServiceCoresChoice((), ""),
     )

@@ -88,6 +88,16 @@ def parse_mem_available(meminfo: str) -> int | None:
     return None
 
 
+def detect_device() -> str:
+    """``gpu`` when a CUDA device is visible to torch, else ``cpu`` (imports torch)."""
+    try:
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "cpu"
+
+
 def machine_facts(
     device: str, root: Path = Path("/"), allowed_cpus: Iterable[int] | None = None
 ) -> MachineFacts:

@@ -19,6 +19,7 @@ from services.inference.engine import EngineFactory, vllm_engine_factory
 from services.inference.engine_stats import EngineStats
 from services.inference.lanes import EngineDeathHook
 from services.inference.model_prep import resolve_model
+from services.inference.placement import ProcessPlacement
 from services.inference.request_checks import inference_request_checks
 from shared.guard import RequestChecks
 from shared.health import HealthReporter
@@ -96,6 +97,8 @@ class InferenceService:
         self.metrics_registry = registry or CollectorRegistry()
         self.engine_stats = EngineStats(self.metrics_registry)
         self.telemetry = telemetry or Telemetry.from_settings(settings.telemetry, self.name)
+        # This process's cores around its engines' starts (cpu_affinity "auto").
+        self.placement = ProcessPlacement()
         if engine_factory is None:
             models_dir = settings.models_dir()
 
@@ -109,6 +112,8 @@ class InferenceService:
                 stats=self.engine_stats,
                 kv_cache_gib=settings.kvcache_gib(),
                 cpu_threads_bind=settings.cpu_omp_threads_bind,
+                cpu_affinity=settings.cpu_affinity,
+                placement=self.placement,
             )
             self._real_engines = True
         else:
@@ -151,14 +156,7 @@ class InferenceService:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
-        await self.core.close()
-
-
-def detect_device() -> str:
-    """``gpu`` when a CUDA device is visible to torch, else ``cpu``."""
-    try:
-        import torch
-
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    except Exception:
-        return "cpu"
+        try:
+            await self.core.close()
+        finally:
+            self.placement.restore()

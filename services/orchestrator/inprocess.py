@@ -324,7 +324,7 @@ class InProcessBackends:
 
 
 def main() -> int:
-    from services.inference.service import detect_device
+    from services.inference.machine import detect_device
     from services.orchestrator.config import OrchestratorSettings
     from services.orchestrator.service import OrchestratorService
     from services.tools.config import enforce_offline_models

@@ -1,4 +1,5 @@
-"""The OpenMP thread binding chosen for the machine: pure over the allowed CPUs' topology."""
+"""The OpenMP thread binding chosen for the machine, and the cores the rest of the mesh runs
+on off its team: pure over the allowed CPUs' topology."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from services.inference.config import (
 )
 from services.inference.cpu_threads import (
     CpuThreadsChoice,
+    ServiceCoresChoice,
     choose_cpu_threads,
-    format_id_list,
-    parse_id_list,
+    choose_service_cores,
 )
-from services.inference.machine import LogicalCpu
+from services.inference.machine import LogicalCpu, MachineFacts
+from services.inference.placement import cores_off_engine
+from shared.cpu_affinity import format_id_list, parse_id_list
 
 
 def flat(n: int, node: int = 0, first: int = 0) -> list[LogicalCpu]:
@@ -107,6 +110,98 @@ def test_id_lists() -> None:
     assert parse_id_list("0-2,5, 7-8") == [0, 1, 2, 5, 7, 8]
     with pytest.raises(ValueError):
         parse_id_list("all")
+
+
+# ---- the cores off the OpenMP team (cpu_affinity "auto") ----------------------------------
+
+
+OFF_TEAM = "auto: off the OpenMP team, with vLLM's engine core"
+
+
+def off_team(cpus: list[LogicalCpu], bind: str = "auto") -> tuple[int, ...]:
+    """The service's cores where the team is chosen for ``cpus`` (or bound to ``bind``)."""
+    threads = choose_cpu_threads("cpu", bind, cpus)
+    return choose_service_cores("auto", threads, cpus).cores
+
+
+def test_two_cores_put_the_service_on_the_core_the_team_leaves() -> None:
+    threads = choose_cpu_threads("cpu", "auto", flat(2))
+    assert choose_service_cores("auto", threads, flat(2)) == ServiceCoresChoice((1,), OFF_TEAM)
+
+
+def test_four_and_sixteen_cores() -> None:
+    assert off_team(flat(4)) == (2, 3)
+    assert off_team(flat(16)) == (14, 15)
+
+
+def test_smt_siblings_of_the_team_stay_off_limits() -> None:
+    # Team 16-29 (one sibling of cores 0-13): the service gets both siblings of cores 14-15,
+    # none of the team's own cores' siblings (0-13 share vector units with the team).
+    assert off_team(smt(16)) == (14, 15, 30, 31)
+
+
+def test_a_cpuset_restricts_the_allowed_cores() -> None:
+    # A container allowed CPUs 4-7 of a bigger machine: team 4-5, the service 6-7.
+    assert off_team(flat(4, first=4)) == (6, 7)
+    # Other NUMA nodes are off the team too.
+    assert off_team(flat(8, node=0) + flat(8, node=1, first=8)) == (6, 7, *range(8, 16))
+
+
+def test_an_explicit_team_leaves_the_rest() -> None:
+    assert off_team(flat(8), "0-3") == (4, 5, 6, 7)
+    assert off_team(flat(8), "0-1|4-5") == (2, 3, 6, 7)
+    # Cores of the list outside the allowed set change nothing.
+    assert off_team(flat(4), "2-9") == (0, 1)
+
+
+def test_no_core_left_pins_nothing() -> None:
+    assert off_team(flat(1)) == ()
+    assert off_team(flat(4), "0-3") == ()
+    threads = choose_cpu_threads("cpu", "0-3", flat(4))
+    assert choose_service_cores("auto", threads, flat(4)).reason == (
+        "auto: no allowed core is off the OpenMP team"
+    )
+
+
+def test_cuda_and_vllms_own_binding_pin_nothing() -> None:
+    cuda = choose_service_cores("auto", choose_cpu_threads("cuda", "auto", flat(16)), flat(16))
+    assert cuda == ServiceCoresChoice((), "cuda: no OpenMP team on the CPU")
+    assert off_team(flat(16), "nobind") == ()
+    ranks = choose_cpu_threads("cpu", "auto", flat(16), ranks=2)
+    assert choose_service_cores("auto", ranks, flat(16)) == ServiceCoresChoice(
+        (), "auto: vLLM places the OpenMP threads (auto)"
+    )
+
+
+def test_an_affinity_set_by_the_user_is_the_bootstraps() -> None:
+    threads = choose_cpu_threads("cpu", "auto", flat(2))
+    assert choose_service_cores("", threads, flat(2)) == ServiceCoresChoice(
+        (), "cpu_affinity is empty"
+    )
+    assert choose_service_cores("1", threads, flat(2)).cores == ()
+
+
+def test_cores_off_engine_for_the_mesh() -> None:
+    """What `agentmesh up` gives tools and orchestrator: the inference service's own cores."""
+    two = MachineFacts("cpu", cpus=tuple(flat(2)))
+    assert cores_off_engine(two, InferenceSettings(preset="embedded")) == (1,)
+    sixteen = MachineFacts("cpu", cpus=tuple(smt(16)))
+    assert cores_off_engine(sixteen, InferenceSettings(preset="embedded")) == (14, 15, 30, 31)
+    explicit = InferenceSettings(preset="embedded", cpu_omp_threads_bind="0-11")
+    assert cores_off_engine(sixteen, explicit) == (12, 13, 14, 15, 28, 29, 30, 31)
+    assert cores_off_engine(MachineFacts("cuda"), InferenceSettings(preset="embedded")) == ()
+    assert cores_off_engine(MachineFacts("cpu", cpus=tuple(flat(1))), InferenceSettings()) == ()
+    for opted_out in ("", "0-1"):
+        settings = InferenceSettings(preset="embedded", cpu_affinity=opted_out)
+        assert cores_off_engine(two, settings) == ()
+
+
+def test_cpu_affinity_settings() -> None:
+    assert InferenceSettings().cpu_affinity == "auto"
+    assert InferenceSettings().pinned_cores() is None
+    assert InferenceSettings(cpu_affinity="2-3,6").pinned_cores() == [2, 3, 6]
+    with pytest.raises(ValueError, match="not a core list"):
+        InferenceSettings(cpu_affinity="all")
 
 
 def test_the_environment_vllm_reads(monkeypatch: pytest.MonkeyPatch) -> None:

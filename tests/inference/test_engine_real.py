@@ -9,9 +9,11 @@ import asyncio
 import json
 import os
 import uuid
+from pathlib import Path
 
 import grpc
 import jsonschema
+import psutil
 import pytest
 from agentmesh.common.v1 import common_pb2
 from agentmesh.inference.v1 import inference_pb2 as pb
@@ -19,10 +21,11 @@ from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.inference.config import ToolCallFormat
-from services.inference.cpu_threads import choose_cpu_threads
+from services.inference.cpu_threads import choose_cpu_threads, choose_service_cores
 from services.inference.machine import machine_facts
 from services.inference.service import SERVICE_NAME, lane_health_name
 from services.inference.tool_calls import CALL_SHAPES
+from shared.cpu_affinity import format_id_list
 from tests.fixtures_inference import InferenceStack
 
 pytestmark = pytest.mark.slow
@@ -98,7 +101,28 @@ async def test_health_is_serving_after_warm_up(inference_stack: InferenceStack) 
     # fixture sets cpu_kvcache_gib=2) and the binding in the environment its core read.
     engine = inference_stack.service.core.engines["engine-0"]
     cache = engine._llm.vllm_config.cache_config  # type: ignore[attr-defined]
-    threads = choose_cpu_threads("cpu", "auto", machine_facts("cpu").cpus)
+    # The machine as the engine's start found it (before this process was pinned).
+    allowed = inference_stack.service.placement.allowed
+    assert allowed is not None
+    facts = machine_facts("cpu", allowed_cpus=allowed)
+    threads = choose_cpu_threads("cpu", "auto", facts.cpus)
+    cores = choose_service_cores("auto", threads, facts.cpus)
+    assert engine.setup.service_cores == cores  # type: ignore[attr-defined]
+    # This process (every thread) and vLLM's engine core on the cores off the OpenMP team
+    # (1 of this 2-core machine), or where they were if none is left; the engine's worker
+    # keeps its OpenMP thread on the team's cores (0 here).
+    placed = format_id_list(cores.cores or allowed)
+    assert set(thread_cpus(os.getpid()).values()) == {placed}
+    engine_cores = engine.engine_core_pids  # type: ignore[attr-defined]
+    assert len(engine_cores) == 1
+    assert set(thread_cpus(engine_cores[0]).values()) == {placed}
+    workers = [
+        child
+        for child in psutil.Process(engine_cores[0]).children()
+        if "Worker" in " ".join(child.cmdline())
+    ]
+    assert len(workers) == 1
+    assert thread_cpus(workers[0].pid)[workers[0].pid] == threads.bind
     assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
     for lane in lanes.lanes:
         assert lane.kv_cache_bytes == cache.kv_cache_memory_bytes == 2 * 1024**3
@@ -108,7 +132,17 @@ async def test_health_is_serving_after_warm_up(inference_stack: InferenceStack) 
         assert lane.kv_cache_tokens == lane.kv_cache_bytes // block_bytes * cache.block_size
         assert lane.kv_cache_reason == "set by cpu_kvcache_gib (2 GiB)"
         assert lane.cpu_threads_bind == os.environ["VLLM_CPU_OMP_THREADS_BIND"] == threads.bind
-        assert lane.cpu_threads_reason == threads.reason
+        assert lane.cpu_threads_reason == engine.setup.cpu_threads_reason  # type: ignore[attr-defined]
+        assert lane.cpu_threads_reason.startswith(f"{threads.reason}; process ")
+
+
+def thread_cpus(pid: int) -> dict[int, str]:
+    """Each thread of process ``pid``: its Cpus_allowed_list."""
+    found = {}
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        found[int(status.parent.name)] = fields["Cpus_allowed_list"].strip()
+    return found
 
 
 async def test_stream_yields_several_deltas_then_usage(stub: pb_grpc.InferenceServiceStub) -> None:

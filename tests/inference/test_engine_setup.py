@@ -39,7 +39,9 @@ def test_the_setup_goes_into_the_engine_arguments() -> None:
         f"computes in float32 on cpu: {setup.dtype.reason}",
         f"KV cache 1.60 GiB: {setup.kv_cache.reason}",
         f"OpenMP threads bound to 0: {setup.cpu_threads.reason}",
+        "process pinned to 1: auto: off the OpenMP team, with vLLM's engine core",
     ]
+    assert setup.service_cores.cores == (1,)
     # float32 KV: 46080 B per token.
     assert setup.kv_cache.bytes_per_token == 46080
 
@@ -52,6 +54,7 @@ def test_cuda_keeps_vllms_own_kv_sizing() -> None:
     assert setup.describe()[1:] == [
         f"KV cache: {setup.kv_cache.reason}",
         f"OpenMP threads not bound: {setup.cpu_threads.reason}",
+        "process not pinned at engine start: cuda: no OpenMP team on the CPU",
     ]
 
 
@@ -71,7 +74,9 @@ async def test_list_lanes_reports_the_choices_for_a_big_machine() -> None:
             assert lane.cpu_threads_bind == "16-29"
             assert lane.cpu_threads_reason == (
                 "auto: OpenMP on 14 of 16 cores of NUMA node 0 (32 logical CPUs: one thread "
-                "per physical core); 30-31 left to vLLM's scheduler and this service"
+                "per physical core); 30-31 left to vLLM's scheduler and this service; "
+                "process pinned to 14-15,30-31: auto: off the OpenMP team, with vLLM's "
+                "engine core"
             )
     finally:
         await f.close()
@@ -88,7 +93,8 @@ async def test_list_lanes_reports_the_choices_for_a_small_machine() -> None:
             assert lane.kv_cache_reason.startswith("auto: 40% of 4.00 GiB available")
             assert lane.cpu_threads_bind == "0"
             assert lane.cpu_threads_reason.endswith(
-                "1 left to vLLM's scheduler and this service (no core of its own below 4 cores)"
+                "1 left to vLLM's scheduler and this service (no core of its own below 4 "
+                "cores); process pinned to 1: auto: off the OpenMP team, with vLLM's engine core"
             )
     finally:
         await f.close()
@@ -109,7 +115,8 @@ async def test_list_lanes_reports_explicit_overrides() -> None:
             assert lane.kv_cache_tokens == 2 * GIB // (23040 * BLOCK) * BLOCK
             assert (lane.cpu_threads_bind, lane.cpu_threads_reason) == (
                 "0-3",
-                "set by cpu_omp_threads_bind",
+                "set by cpu_omp_threads_bind; process pinned to 4-15,20-31: auto: off the "
+                "OpenMP team, with vLLM's engine core",
             )
     finally:
         await f.close()
