@@ -114,8 +114,14 @@ def _counter(port: int, name: str) -> float:
 
 
 def _base_env(plan: Plan) -> dict[str, str]:
-    """This environment without any AGENTMESH_ setting of its own, pointed at the config."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
+    """This environment without any AGENTMESH_ setting of its own, pointed at the config;
+    only a placement the caller set (``AGENTMESH_<SERVICE>_CPU_AFFINITY``, empty: unpinned)
+    is kept, and honoured as ``agentmesh up`` honours it."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("AGENTMESH_") or k.endswith("_CPU_AFFINITY")
+    }
     return {
         **env,
         "AGENTMESH_CONFIG": str(CONFIG),
