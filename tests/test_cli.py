@@ -223,6 +223,7 @@ TOOLS_VAR = "AGENTMESH_TOOLS_CPU_AFFINITY"
 ORCHESTRATOR_VAR = "AGENTMESH_ORCHESTRATOR_CPU_AFFINITY"
 EMBEDDED_YAML = REPO / "config" / "embedded.yaml"
 TWO_CORES = MachineFacts("cpu", cpus=(LogicalCpu(0, 0), LogicalCpu(1, 1)))
+FOUR_CORES = MachineFacts("cpu", cpus=tuple(LogicalCpu(i, i) for i in range(4)))
 
 
 def affinity_env(children: list[ChildSpec]) -> dict[str, dict[str, str]]:
@@ -245,32 +246,37 @@ def no_placement_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("no_placement_env")
 def test_up_starts_tools_and_orchestrator_off_the_engines_openmp_team() -> None:
     said: list[str] = []
-    children = mesh_children([], EMBEDDED_YAML, facts=lambda: TWO_CORES, say=said.append)
+    children = mesh_children([], EMBEDDED_YAML, facts=lambda: FOUR_CORES, say=said.append)
     assert affinity_env(children) == {
-        "tools": {TOOLS_VAR: "1"},
+        "tools": {TOOLS_VAR: "2-3"},
         "inference": {},
-        "orchestrator": {ORCHESTRATOR_VAR: "1"},
+        "orchestrator": {ORCHESTRATOR_VAR: "2-3"},
     }
     assert said == [
-        "cpu placement: tools on 1, orchestrator on 1, inference on 1 once its engine started "
-        "(its OpenMP team on the rest)"
+        "cpu placement: tools on 2-3, orchestrator on 2-3, inference on 2-3 once its engine "
+        "started (its OpenMP team on the rest)"
     ]
+    # Two cores: one off the team is too few to confine the services to.
+    said.clear()
+    children = mesh_children([], EMBEDDED_YAML, facts=lambda: TWO_CORES, say=said.append)
+    assert affinity_env(children) == {"tools": {}, "inference": {}, "orchestrator": {}}
+    assert said == ["cpu placement: none (no core off the engine's OpenMP team)"]
 
 
 @pytest.mark.usefixtures("no_placement_env")
 def test_up_leaves_alone_what_the_user_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(TOOLS_VAR, "0")
     said: list[str] = []
-    children = mesh_children([], EMBEDDED_YAML, facts=lambda: TWO_CORES, say=said.append)
+    children = mesh_children([], EMBEDDED_YAML, facts=lambda: FOUR_CORES, say=said.append)
     # The user's variable is in every child's environment (as any other of theirs).
     assert affinity_env(children) == {
         "tools": {TOOLS_VAR: "0"},
         "inference": {TOOLS_VAR: "0"},
-        "orchestrator": {TOOLS_VAR: "0", ORCHESTRATOR_VAR: "1"},
+        "orchestrator": {TOOLS_VAR: "0", ORCHESTRATOR_VAR: "2-3"},
     }
     assert said == [
-        "cpu placement: orchestrator on 1, tools as configured, inference on 1 once its engine "
-        "started (its OpenMP team on the rest)"
+        "cpu placement: orchestrator on 2-3, tools as configured, inference on 2-3 once its "
+        "engine started (its OpenMP team on the rest)"
     ]
     # Set in the config file: the services read it themselves.
     monkeypatch.delenv(TOOLS_VAR)

@@ -49,6 +49,13 @@ NOBIND = "nobind"
 SCHEDULER_CORES = 1
 # From this many cores on (of the node the team runs on), one more is left for this service.
 SERVICE_CORE_MIN_CORES = 4
+# The services (and vLLM's engine core) are pinned off the team only when at least this many
+# physical cores are left for them. With one (a 2-core machine: the team on core 0), three
+# services and the engine core confined to core 1 ran slower at 10 sessions than left free
+# to use core 0 between forward passes (the overhead bench: tool calls 232 vs 56 ms p50,
+# the orchestrator's own work 530 vs 312 ms); one-thread query embeddings already keep the
+# tool service off the team's back (tools.embedding_threads).
+MIN_PLACED_CORES = 2
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,13 @@ def choose_service_cores(
     )
     if not off:
         return ServiceCoresChoice((), "auto: no allowed core is off the OpenMP team")
+    physical = len({cpu.physical_core for cpu in cpus if cpu.id in off})
+    if physical < MIN_PLACED_CORES:
+        return ServiceCoresChoice(
+            (),
+            f"auto: only {physical} core off the OpenMP team, too few to hold the services and "
+            "vLLM's engine core; left unpinned",
+        )
     return ServiceCoresChoice(off, "auto: off the OpenMP team, with vLLM's engine core")
 
 

@@ -22,6 +22,11 @@ from services.inference.machine import LogicalCpu, MachineFacts
 from services.inference.placement import cores_off_engine
 from shared.cpu_affinity import format_id_list, parse_id_list
 
+UNPINNED = (
+    "auto: only 1 core off the OpenMP team, too few to hold the services and vLLM's engine "
+    "core; left unpinned"
+)
+
 
 def flat(n: int, node: int = 0, first: int = 0) -> list[LogicalCpu]:
     """``n`` cores without SMT."""
@@ -124,9 +129,18 @@ def off_team(cpus: list[LogicalCpu], bind: str = "auto") -> tuple[int, ...]:
     return choose_service_cores("auto", threads, cpus).cores
 
 
-def test_two_cores_put_the_service_on_the_core_the_team_leaves() -> None:
-    threads = choose_cpu_threads("cpu", "auto", flat(2))
-    assert choose_service_cores("auto", threads, flat(2)) == ServiceCoresChoice((1,), OFF_TEAM)
+def test_two_and_three_cores_leave_the_services_unpinned() -> None:
+    """One core off the team is too few for the services and vLLM's engine core: confined
+    there, they ran slower under load than free to use the team's core between passes."""
+    for cores in (2, 3):
+        threads = choose_cpu_threads("cpu", "auto", flat(cores))
+        assert choose_service_cores("auto", threads, flat(cores)) == ServiceCoresChoice(
+            (),
+            UNPINNED,
+        )
+    # An explicit team that leaves two cores free: those two.
+    threads = choose_cpu_threads("cpu", "0", flat(3))
+    assert choose_service_cores("auto", threads, flat(3)) == ServiceCoresChoice((1, 2), OFF_TEAM)
 
 
 def test_four_and_sixteen_cores() -> None:
@@ -184,7 +198,9 @@ def test_an_affinity_set_by_the_user_is_the_bootstraps() -> None:
 def test_cores_off_engine_for_the_mesh() -> None:
     """What `agentmesh up` gives tools and orchestrator: the inference service's own cores."""
     two = MachineFacts("cpu", cpus=tuple(flat(2)))
-    assert cores_off_engine(two, InferenceSettings(preset="embedded")) == (1,)
+    assert cores_off_engine(two, InferenceSettings(preset="embedded")) == ()
+    four = MachineFacts("cpu", cpus=tuple(flat(4)))
+    assert cores_off_engine(four, InferenceSettings(preset="embedded")) == (2, 3)
     sixteen = MachineFacts("cpu", cpus=tuple(smt(16)))
     assert cores_off_engine(sixteen, InferenceSettings(preset="embedded")) == (14, 15, 30, 31)
     explicit = InferenceSettings(preset="embedded", cpu_omp_threads_bind="0-11")
@@ -193,7 +209,7 @@ def test_cores_off_engine_for_the_mesh() -> None:
     assert cores_off_engine(MachineFacts("cpu", cpus=tuple(flat(1))), InferenceSettings()) == ()
     for opted_out in ("", "0-1"):
         settings = InferenceSettings(preset="embedded", cpu_affinity=opted_out)
-        assert cores_off_engine(two, settings) == ()
+        assert cores_off_engine(four, settings) == ()
 
 
 def test_cpu_affinity_settings() -> None:

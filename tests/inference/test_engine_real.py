@@ -109,7 +109,7 @@ async def test_health_is_serving_after_warm_up(inference_stack: InferenceStack) 
     cores = choose_service_cores("auto", threads, facts.cpus)
     assert engine.setup.service_cores == cores  # type: ignore[attr-defined]
     # This process (every thread) and vLLM's engine core on the cores off the OpenMP team
-    # (1 of this 2-core machine), or where they were if none is left; the engine's worker
+    # (on 4+ cores), or where they were if none is (2 cores: too few); the engine's worker
     # keeps its OpenMP thread on the team's cores (0 here).
     placed = format_id_list(cores.cores or allowed)
     assert set(thread_cpus(os.getpid()).values()) == {placed}

@@ -29,6 +29,11 @@ SMALL = MachineFacts(
 )
 BLOCK = 128  # tokens per KV block on vLLM's CPU build (the fake's too)
 
+UNPINNED = (
+    "auto: only 1 core off the OpenMP team, too few to hold the services and vLLM's engine "
+    "core; left unpinned"
+)
+
 
 def test_the_setup_goes_into_the_engine_arguments() -> None:
     setup = choose_engine_setup(EMBEDDED, SMALL, SMOLLM2_SHAPE)
@@ -39,9 +44,9 @@ def test_the_setup_goes_into_the_engine_arguments() -> None:
         f"computes in float32 on cpu: {setup.dtype.reason}",
         f"KV cache 1.60 GiB: {setup.kv_cache.reason}",
         f"OpenMP threads bound to 0: {setup.cpu_threads.reason}",
-        "process pinned to 1: auto: off the OpenMP team, with vLLM's engine core",
+        f"process not pinned at engine start: {UNPINNED}",
     ]
-    assert setup.service_cores.cores == (1,)
+    assert setup.service_cores.cores == ()
     # float32 KV: 46080 B per token.
     assert setup.kv_cache.bytes_per_token == 46080
 
@@ -94,7 +99,8 @@ async def test_list_lanes_reports_the_choices_for_a_small_machine() -> None:
             assert lane.cpu_threads_bind == "0"
             assert lane.cpu_threads_reason.endswith(
                 "1 left to vLLM's scheduler and this service (no core of its own below 4 "
-                "cores); process pinned to 1: auto: off the OpenMP team, with vLLM's engine core"
+                "cores); process not pinned at engine start: auto: only 1 core off the OpenMP "
+                "team, too few to hold the services and vLLM's engine core; left unpinned"
             )
     finally:
         await f.close()
