@@ -120,8 +120,9 @@ def serve_section(offline: Mapping[str, Any], serve: Mapping[str, Any]) -> dict[
     )
     sec["notes"].append(
         "Each level runs in waves (a wave = `concurrency` requests); the offline engine gets the "
-        "same prompts, one `LLM.generate` per wave. Ours runs in the section's process beside its "
-        "client; vllm serve and the offline engine each in their own process, one at a time."
+        "same prompts, one `LLM.generate` per wave. Our service (bench/serve_child.py: the "
+        "production bootstrap), vllm serve and the offline engine each run in their own process, "
+        "one at a time; the streaming client is the section's process."
     )
     return sec
 
