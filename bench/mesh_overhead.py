@@ -290,16 +290,7 @@ def _row(config: str, sessions: int, block: int, sample: tl.TurnSample) -> dict[
         "block": block,
         "session": sample.session,
         "turn": sample.turn,
-        "ok": sample.ok,
-        "error": sample.error,
-        "wall": sample.wall,
-        "first_delta": sample.first_delta,
-        "stages": sample.stages,
-        "outcome": sample.outcome,
-        "tool_calls": sample.tool_calls,
-        "llm_stages": sample.llm_stages,
-        "completion_tokens": sample.completion_tokens,
-        "tool_self": sample.tool_self,
+        **sample.row(),
     }
 
 

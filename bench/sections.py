@@ -267,18 +267,7 @@ def _chat_spans(exporter: Any) -> list[dict[str, Any]]:
 
 
 def _turn_row(sample: Any, spans: list[dict[str, Any]] | None) -> dict[str, Any]:
-    return {
-        "ok": sample.ok,
-        "error": sample.error,
-        "wall": sample.wall,
-        "first_delta": sample.first_delta,
-        "stages": sample.stages,
-        "outcome": sample.outcome,
-        "tool_calls": sample.tool_calls,
-        "completion_tokens": sample.completion_tokens,
-        "llm_stages": getattr(sample, "llm_stages", 0),
-        "spans": spans,
-    }
+    return {**sample.row(), "spans": spans}
 
 
 def turns(args: argparse.Namespace) -> dict[str, Any]:

@@ -159,6 +159,21 @@ class TurnSample:
     def ok(self) -> bool:
         return not self.error
 
+    def row(self) -> dict[str, Any]:
+        """The turn's figures as the sections' raw JSON keeps them."""
+        return {
+            "ok": self.ok,
+            "error": self.error,
+            "wall": self.wall,
+            "first_delta": self.first_delta,
+            "stages": self.stages,
+            "outcome": self.outcome,
+            "tool_calls": self.tool_calls,
+            "llm_stages": self.llm_stages,
+            "completion_tokens": self.completion_tokens,
+            "tool_self": self.tool_self,
+        }
+
     def line(self) -> str:
         if self.error:
             return f"{self.mode:<10} s{self.session + 1} t{self.turn + 1}  ERROR {self.error}"
