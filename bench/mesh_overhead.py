@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from bench import turn_latency as tl
+from bench.inference_vs_vllm_serve import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config" / "embedded.yaml"
@@ -52,12 +52,6 @@ class Plan:
     blocks: int  # blocks per configuration at levels above 1
     kvcache_gib: int = 1
     preset: str = "embedded"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---- the two stacks ----------------------------------------------------------------------
