@@ -29,7 +29,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -356,11 +356,12 @@ async def measure(
                     raise RuntimeError(f"warm-up turn failed on {config}: {sample.error}")
                 say(f"overhead: warm-up {config} {sample.wall:.1f}s")
 
+            blocks = _Blocks(plan, by_name, stubs, out, say)
             for level in plan.levels:
                 if level == 1:
-                    await _one_session(plan, by_name, stubs, out, say)
+                    await blocks.one_session()
                 else:
-                    await _many_sessions(plan, level, by_name, stubs, out, say)
+                    await blocks.many_sessions(level)
                 save(out)
         finally:
             for channel in channels:
@@ -370,66 +371,70 @@ async def measure(
     return out
 
 
-async def _one_session(
-    plan: Plan,
-    stacks: dict[str, Stack],
-    stubs: dict[str, Any],
-    out: dict[str, Any],
-    say: Callable[[str], None],
-) -> None:
-    """The scripted task, each turn on both configurations back to back, order alternating."""
-    customer, messages = tl.script(0, plan.turns)
-    sessions = {config: await tl.new_session(stubs[config], customer) for config in CONFIGS}
-    for t, text in enumerate(messages):
-        order = CONFIGS if t % 2 == 0 else CONFIGS[::-1]
-        for config in order:
-            before = await stacks[config].refusals()
-            sample = await tl.run_turn(
-                stubs[config], sessions[config], text, tl.TurnSample(config, 0, t)
-            )
-            refused = await stacks[config].refusals() - before
-            out["turns"].append({**_row(config, 1, t, sample), "refusals": refused})
-            out["blocks"].append(
-                {
-                    "config": config,
-                    "sessions": 1,
-                    "block": t,
-                    "wall": sample.wall,
-                    "refusals": refused,
-                }
-            )
-            say(f"overhead: c=1 {sample.line()}")
+async def _one_turn(
+    stub: Any, session_id: str, text: str, sample: tl.TurnSample
+) -> tuple[list[tl.TurnSample], float]:
+    """One turn of a kept session, as a block of one (its wall the turn's)."""
+    await tl.run_turn(stub, session_id, text, sample)
+    return [sample], sample.wall
 
 
-async def _many_sessions(
-    plan: Plan,
-    level: int,
-    stacks: dict[str, Stack],
-    stubs: dict[str, Any],
-    out: dict[str, Any],
-    say: Callable[[str], None],
-) -> None:
-    for block in range(plan.blocks):
-        order = CONFIGS if block % 2 == 0 else CONFIGS[::-1]
-        for config in order:
-            before = await stacks[config].refusals()
-            samples, wall = await _sessions_at_once(
-                stubs[config], config, level, plan.turns_at_level
-            )
-            refused = await stacks[config].refusals() - before
-            out["turns"].extend(_row(config, level, block, x) for x in samples)
-            out["blocks"].append(
-                {
-                    "config": config,
-                    "sessions": level,
-                    "block": block,
-                    "wall": wall,
-                    "refusals": refused,
-                }
-            )
-            ok = [x.wall for x in samples if x.ok]
-            say(
-                f"overhead: c={level} {config} block {block + 1}: {len(ok)}/{len(samples)} "
-                f"turns in {wall:.1f}s, p50 {tl.percentile(ok, 0.5):.1f}s, "
-                f"{refused:.0f} full-lane refusals"
-            )
+@dataclass
+class _Blocks:
+    """Where the measured blocks run and what they are written to."""
+
+    plan: Plan
+    stacks: dict[str, Stack]
+    stubs: dict[str, Any]
+    out: dict[str, Any]
+    say: Callable[[str], None]
+
+    async def block(
+        self,
+        config: str,
+        sessions: int,
+        block: int,
+        run: Awaitable[tuple[list[tl.TurnSample], float]],
+    ) -> tuple[list[tl.TurnSample], float, float]:
+        """One block on ``config``: its samples, wall and the full-lane refusals meanwhile
+        (the block's row recorded; the turns' rows are the caller's)."""
+        before = await self.stacks[config].refusals()
+        samples, wall = await run
+        refused = await self.stacks[config].refusals() - before
+        self.out["blocks"].append(
+            {
+                "config": config,
+                "sessions": sessions,
+                "block": block,
+                "wall": wall,
+                "refusals": refused,
+            }
+        )
+        return samples, wall, refused
+
+    async def one_session(self) -> None:
+        """The scripted task, each turn on both configurations back to back, order
+        alternating."""
+        customer, messages = tl.script(0, self.plan.turns)
+        sessions = {c: await tl.new_session(self.stubs[c], customer) for c in CONFIGS}
+        for t, text in enumerate(messages):
+            for config in CONFIGS if t % 2 == 0 else CONFIGS[::-1]:
+                sample = tl.TurnSample(config, 0, t)
+                _, _, refused = await self.block(
+                    config, 1, t, _one_turn(self.stubs[config], sessions[config], text, sample)
+                )
+                self.out["turns"].append({**_row(config, 1, t, sample), "refusals": refused})
+                self.say(f"overhead: c=1 {sample.line()}")
+
+    async def many_sessions(self, level: int) -> None:
+        for block in range(self.plan.blocks):
+            for config in CONFIGS if block % 2 == 0 else CONFIGS[::-1]:
+                run = _sessions_at_once(self.stubs[config], config, level, self.plan.turns_at_level)
+                samples, wall, refused = await self.block(config, level, block, run)
+                self.out["turns"].extend(_row(config, level, block, x) for x in samples)
+                ok = [x.wall for x in samples if x.ok]
+                self.say(
+                    f"overhead: c={level} {config} block {block + 1}: {len(ok)}/{len(samples)} "
+                    f"turns in {wall:.1f}s, p50 {tl.percentile(ok, 0.5):.1f}s, "
+                    f"{refused:.0f} full-lane refusals"
+                )
