@@ -258,8 +258,9 @@ async def test_five_turn_task_completes_and_survives_a_restart(mesh: Mesh) -> No
     users = [m.content for m in session.messages if m.role == common_pb2.ROLE_USER]
     assert users == FIVE_TURNS
     assert session.turn_count == 5 and session.task_tool_calls == task_calls
-    # Every turn ran the three forced reads (check_turn_shape) and counted each call it ran.
-    assert task_calls >= 15
+    # Every turn ran the three forced reads (check_turn_shape) and counted each call it ran,
+    # within the turn's cap (5 calls, embedded.yaml).
+    assert 15 <= task_calls <= 25
     answers = [
         m.content for m in session.messages if m.role == common_pb2.ROLE_ASSISTANT and m.content
     ]
