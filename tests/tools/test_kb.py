@@ -176,3 +176,35 @@ async def test_query_embeddings_run_on_the_configured_intra_op_threads() -> None
         assert vectors.shape == (1, 384)
     assert seen == [1, 2]
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.slow
+async def test_the_real_model_encodes_on_the_configured_threads_alike(
+    minilm: MiniLmEmbedder,
+) -> None:
+    """The same on the real model (its encode wrapped to note torch's thread count): the
+    setting reaches sentence-transformers' encode, and the vectors do not depend on it."""
+    import numpy as np
+    import torch
+
+    real = minilm._model
+    seen: list[int] = []
+
+    class Noting:
+        def get_sentence_embedding_dimension(self) -> int:
+            return int(real.get_sentence_embedding_dimension())
+
+        def encode(self, texts: list[str], **kwargs: object) -> object:
+            seen.append(torch.get_num_threads())
+            return real.encode(texts, **kwargs)
+
+    texts = ["refund for a duplicate charge", "reset my password"]
+    before = torch.get_num_threads()
+    vectors = [
+        await MiniLmEmbedder(Noting(), name="noted", threads=threads).embed(texts)
+        for threads in (1, 2)
+    ]
+    assert seen == [1, 2]
+    assert vectors[0].shape == (2, 384)
+    np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-5)
+    assert torch.get_num_threads() == before
