@@ -88,8 +88,22 @@ def parse_mem_available(meminfo: str) -> int | None:
     return None
 
 
-def detect_device() -> str:
-    """``gpu`` when a CUDA device is visible to torch, else ``cpu`` (imports torch)."""
+# What a GPU torch can use needs its driver's files: NVIDIA's control device and proc folder,
+# WSL2's GPU device, ROCm's kernel driver (torch.cuda on AMD cards).
+GPU_DRIVER_PATHS = ("dev/nvidiactl", "proc/driver/nvidia", "dev/dxg", "dev/kfd")
+
+
+def gpu_driver_present(root: Path = Path("/")) -> bool:
+    """Whether a GPU driver torch could use is on this machine (no torch import)."""
+    return any((root / path).exists() for path in GPU_DRIVER_PATHS)
+
+
+def detect_device(root: Path = Path("/")) -> str:
+    """``gpu`` when a CUDA device is visible to torch, else ``cpu``. Without a GPU driver
+    (:func:`gpu_driver_present`) ``cpu`` at once: importing torch to learn it takes ~1.5 s
+    (``agentmesh up`` asks before it starts anything). ``root`` is for tests."""
+    if not gpu_driver_present(root):
+        return "cpu"
     try:
         import torch
 
