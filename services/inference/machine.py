@@ -9,11 +9,12 @@ CPU affinity), or for CUDA the device's compute capability.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from shared.cpu_affinity import current_cpus
 
 # cgroup v1 reports "no limit" as a number close to 2**63.
 CGROUP_V1_UNLIMITED = 1 << 62
@@ -126,7 +127,7 @@ def machine_facts(
         return MachineFacts("cuda", cuda_capability=(int(major), int(minor)))
     limit, used = _cgroup_memory(root / "sys" / "fs" / "cgroup")
     if allowed_cpus is None:
-        allowed_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()
+        allowed_cpus = current_cpus()
     return MachineFacts(
         "cpu",
         cpu_flags=parse_cpu_flags(_read(root / "proc" / "cpuinfo")),
