@@ -33,7 +33,8 @@ class MeshPlacement:
 
 
 def host_facts() -> MachineFacts:
-    """This machine as the inference service will find it (imports torch for the GPU check)."""
+    """This machine as the inference service will find it (torch asked about the GPU only where
+    a GPU driver is present: machine.detect_device)."""
     from services.inference.machine import detect_device, machine_facts
 
     if detect_device() == "gpu":

@@ -232,6 +232,7 @@ def affinity_env(children: list[ChildSpec]) -> dict[str, dict[str, str]]:
 
 
 def not_asked() -> MachineFacts:
+    """Raises; mesh_placement reports what it raised as its summary, which the tests check."""
     raise AssertionError("the machine is read only when a service is placed")
 
 
@@ -285,8 +286,11 @@ def test_up_leaves_alone_what_the_user_set(monkeypatch: pytest.MonkeyPatch, tmp_
         "inference: {preset: embedded}\ntools: {cpu_affinity: '0'}\n"
         "orchestrator: {cpu_affinity: ''}\n"
     )
+    said.clear()
     children = mesh_children([], config, facts=not_asked, say=said.append)
     assert affinity_env(children) == {"tools": {}, "inference": {}, "orchestrator": {}}
+    # Nothing said: not_asked raising would have been reported as "cpu placement: none (...)".
+    assert said == []
 
 
 @pytest.mark.usefixtures("no_placement_env")
@@ -296,5 +300,9 @@ def test_up_places_nothing_on_a_gpu_or_without_its_inference_service() -> None:
     assert affinity_env(gpu) == {"tools": {}, "inference": {}, "orchestrator": {}}
     assert said == ["cpu placement: none (the engine runs on the GPU)"]
     # An inference service `up` does not start is not its to place around.
-    alone = mesh_children(["tools", "orchestrator"], EMBEDDED_YAML, facts=not_asked)
+    said.clear()
+    alone = mesh_children(
+        ["tools", "orchestrator"], EMBEDDED_YAML, facts=not_asked, say=said.append
+    )
     assert affinity_env(alone) == {"tools": {}, "orchestrator": {}}
+    assert said == []

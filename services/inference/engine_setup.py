@@ -21,13 +21,13 @@ from services.inference.cpu_threads import (
 )
 from services.inference.dtype import DtypeChoice, choose_dtype
 from services.inference.kv_cache import (
-    GIB,
     KvCacheChoice,
     ModelKvShape,
     choose_kv_cache,
     kv_demand,
 )
 from services.inference.machine import MachineFacts
+from services.inference.memory_plan import GIB
 from shared.cpu_affinity import format_id_list
 
 

@@ -29,9 +29,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from services.inference.memory_plan import kv_bytes_per_token
+from services.inference.memory_plan import GIB, kv_bytes_per_token
 
-GIB = 1024**3
 MIB = 1024**2
 AUTO = "auto"
 # Share of the memory available at start the KV cache may take: the rest is the weights,

@@ -9,11 +9,12 @@ CPU affinity), or for CUDA the device's compute capability.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from shared.cpu_affinity import current_cpus
 
 # cgroup v1 reports "no limit" as a number close to 2**63.
 CGROUP_V1_UNLIMITED = 1 << 62
@@ -88,8 +89,22 @@ def parse_mem_available(meminfo: str) -> int | None:
     return None
 
 
-def detect_device() -> str:
-    """``gpu`` when a CUDA device is visible to torch, else ``cpu`` (imports torch)."""
+# What a GPU torch can use needs its driver's files: NVIDIA's control device and proc folder,
+# WSL2's GPU device, ROCm's kernel driver (torch.cuda on AMD cards).
+GPU_DRIVER_PATHS = ("dev/nvidiactl", "proc/driver/nvidia", "dev/dxg", "dev/kfd")
+
+
+def gpu_driver_present(root: Path = Path("/")) -> bool:
+    """Whether a GPU driver torch could use is on this machine (no torch import)."""
+    return any((root / path).exists() for path in GPU_DRIVER_PATHS)
+
+
+def detect_device(root: Path = Path("/")) -> str:
+    """``gpu`` when a CUDA device is visible to torch, else ``cpu``. Without a GPU driver
+    (:func:`gpu_driver_present`) ``cpu`` at once: importing torch to learn it takes ~1.5 s
+    (``agentmesh up`` asks before it starts anything). ``root`` is for tests."""
+    if not gpu_driver_present(root):
+        return "cpu"
     try:
         import torch
 
@@ -112,7 +127,7 @@ def machine_facts(
         return MachineFacts("cuda", cuda_capability=(int(major), int(minor)))
     limit, used = _cgroup_memory(root / "sys" / "fs" / "cgroup")
     if allowed_cpus is None:
-        allowed_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()
+        allowed_cpus = current_cpus()
     return MachineFacts(
         "cpu",
         cpu_flags=parse_cpu_flags(_read(root / "proc" / "cpuinfo")),

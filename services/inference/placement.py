@@ -15,8 +15,6 @@ service's cores. Started, the worker keeps its binding; this process and vLLM's 
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Iterable
 
 from services.inference.config import InferenceSettings
@@ -28,8 +26,6 @@ from services.inference.cpu_threads import (
 )
 from services.inference.machine import MachineFacts
 from shared.cpu_affinity import current_cpus, pin_process
-
-log = logging.getLogger(__name__)
 
 
 def cores_off_engine(facts: MachineFacts, settings: InferenceSettings) -> tuple[int, ...]:
@@ -52,14 +48,14 @@ def cores_off_engine(facts: MachineFacts, settings: InferenceSettings) -> tuple[
 class ProcessPlacement:
     """This process around its engines' starts: back on every core it was allowed before an
     engine starts (so the engine's worker can bind its team anywhere there), pinned with the
-    new engine core to the engine's service cores after it started."""
+    new engine core to the engine's service cores after it started. torch's thread count is
+    left alone: the only torch work such a process does (the one-process agent's query
+    embeddings) sets its own per call (tools.embedding_threads)."""
 
     def __init__(self) -> None:
         # The cores this process was allowed before the first engine start.
         self._allowed: frozenset[int] | None = None
         self._pinned = False
-        # torch's intra-op threads before the pin shrank them (None: untouched).
-        self._torch_threads: int | None = None
 
     @property
     def allowed(self) -> frozenset[int] | None:
@@ -78,10 +74,8 @@ class ProcessPlacement:
         if not choice.cores:
             return
         allowed = self._allowed if self._allowed is not None else current_cpus()
-        applied = pin_process(choice.cores, allowed=allowed, what="this process")
-        if applied:
+        if pin_process(choice.cores, allowed=allowed, what="this process"):
             self._pinned = True
-            self._size_torch_threads(len(applied))
         for pid in engine_pids:
             pin_process(choice.cores, pid=pid, allowed=allowed, what="vLLM's engine core")
 
@@ -94,23 +88,3 @@ class ProcessPlacement:
         assert self._allowed is not None
         pin_process(self._allowed, allowed=self._allowed, what="this process (restored)")
         self._pinned = False
-        if self._torch_threads is not None:
-            self._set_torch_threads(self._torch_threads)
-            self._torch_threads = None
-
-    def _size_torch_threads(self, cores: int) -> None:
-        """torch, when this process loaded it before the pin (the one-process agent's
-        embedding model), sized its intra-op OpenMP team for the cores it had then: as many
-        threads as the cores it is pinned to, as a process started on them gets."""
-        torch = sys.modules.get("torch")
-        if torch is None or torch.get_num_threads() <= cores:
-            return
-        if self._torch_threads is None:
-            self._torch_threads = int(torch.get_num_threads())
-        self._set_torch_threads(cores)
-
-    @staticmethod
-    def _set_torch_threads(threads: int) -> None:
-        torch = sys.modules["torch"]
-        torch.set_num_threads(threads)
-        log.info("torch intra-op threads of this process: %d", threads)

@@ -20,7 +20,6 @@ from services.inference.cpu_threads import (
 )
 from services.inference.machine import LogicalCpu, MachineFacts
 from services.inference.placement import cores_off_engine
-from shared.cpu_affinity import format_id_list, parse_id_list
 
 UNPINNED = (
     "auto: only 1 core off the OpenMP team, too few to hold the services and vLLM's engine "
@@ -107,14 +106,6 @@ def test_where_vllm_binds_itself() -> None:
 def test_cuda_binds_nothing() -> None:
     choice = choose_cpu_threads("cuda", "auto", flat(16))
     assert choice.bind == "" and choice.reason.startswith("cuda:")
-
-
-def test_id_lists() -> None:
-    assert format_id_list([8, 0, 1, 2, 5, 7]) == "0-2,5,7-8"
-    assert format_id_list([3]) == "3"
-    assert parse_id_list("0-2,5, 7-8") == [0, 1, 2, 5, 7, 8]
-    with pytest.raises(ValueError):
-        parse_id_list("all")
 
 
 # ---- the cores off the OpenMP team (cpu_affinity "auto") ----------------------------------

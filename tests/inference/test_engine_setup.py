@@ -6,8 +6,9 @@ from __future__ import annotations
 from agentmesh.inference.v1 import inference_pb2 as pb
 
 from services.inference.engine_setup import choose_engine_setup, not_started
-from services.inference.kv_cache import GIB, MIB
+from services.inference.kv_cache import MIB
 from services.inference.machine import LogicalCpu, MachineFacts
+from services.inference.memory_plan import GIB
 from tests.inference.fakes import FakeEngineFactory, start_fake
 from tests.inference.test_kv_cache import EMBEDDED, SMOLLM2_SHAPE
 

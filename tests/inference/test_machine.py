@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
+
+import pytest
 
 from services.inference.machine import (
     LogicalCpu,
     MachineFacts,
+    detect_device,
+    gpu_driver_present,
     machine_facts,
     parse_cpu_flags,
     parse_mem_available,
@@ -103,3 +109,22 @@ def test_this_machine_has_facts() -> None:
     facts = machine_facts("cpu")
     assert facts.cpus and facts.mem_available_bytes is not None
     assert facts.available_memory_bytes is not None and facts.available_memory_bytes > 0
+
+
+def test_detect_device_asks_torch_only_where_a_gpu_driver_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a GPU driver the answer is cpu without torch (here a torch that would say gpu);
+    with one, torch decides."""
+    gpu_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: True))
+    monkeypatch.setitem(sys.modules, "torch", gpu_torch)
+    assert not gpu_driver_present(tmp_path)
+    assert detect_device(tmp_path) == "cpu"
+    for driver in ("dev/nvidiactl", "proc/driver/nvidia", "dev/dxg", "dev/kfd"):
+        root = tmp_path / driver.replace("/", "_")
+        write(root / driver, "")
+        assert gpu_driver_present(root)
+        assert detect_device(root) == "gpu"
+    cpu_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: False))
+    monkeypatch.setitem(sys.modules, "torch", cpu_torch)
+    assert detect_device(tmp_path / "dev_nvidiactl") == "cpu"

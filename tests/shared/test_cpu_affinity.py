@@ -162,4 +162,12 @@ def test_the_setting_is_a_core_list() -> None:
     for bad in ("auto", "1-", "all"):
         with pytest.raises(ValueError, match="not a core list"):
             ServiceSettings(cpu_affinity=bad)
+
+
+def test_id_lists() -> None:
+    assert format_id_list([8, 0, 1, 2, 5, 7]) == "0-2,5,7-8"
+    assert format_id_list([3]) == "3"
     assert parse_id_list("0-2,5") == [0, 1, 2, 5]
+    assert parse_id_list("0-2,5, 7-8") == [0, 1, 2, 5, 7, 8]
+    with pytest.raises(ValueError):
+        parse_id_list("all")
