@@ -58,8 +58,9 @@ def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str
     return None
 
 
-class WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """Base class: subclasses implement :meth:`around` for one RPC."""
+class WrappingInterceptor:
+    """One member of an :class:`InterceptorChain`: :meth:`around` wraps one RPC. Members
+    build no handlers of their own; the chain wraps each method once for all of them."""
 
     def around(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any]
@@ -69,21 +70,6 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
     def exempt(self, method: str) -> bool:
         """Methods passed through unwrapped (health and reflection, unless overridden)."""
         return method.startswith(EXEMPT_PREFIXES)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or self.exempt(method):
-            return handler
-        # Subclasses need not call a base __init__: the cache is made on first use.
-        cache: HandlerCache = self.__dict__.setdefault("_wrapped", HandlerCache())
-        return cache.get(method, handler, lambda inner: wrap_handler(inner, method, self.around))
 
 
 def _wrap_behaviour(
@@ -288,35 +274,48 @@ class ErrorInterceptor(WrappingInterceptor):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
-class InterceptorChain(WrappingInterceptor):
+class InterceptorChain(grpc.aio.ServerInterceptor):
     """Several wrapping interceptors as ONE wrapper per method: each call enters their
     ``around`` in order (first outermost) in one exit stack, and a streamed response passes
     through one generator layer instead of one per interceptor. Exceptions unwind through
-    them innermost first, exactly as if they were nested."""
+    them innermost first, exactly as if they were nested. A method every member exempts
+    passes through unwrapped."""
 
     def __init__(self, members: list[WrappingInterceptor]) -> None:
         self.members = list(members)
-        # method -> the members that wrap it (each may exempt methods of its own).
-        self._active: dict[str, tuple[WrappingInterceptor, ...]] = {}
+        self._built = HandlerCache()
 
-    def exempt(self, method: str) -> bool:
-        return not self._members_for(method)
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        return self._built.get(method, handler, lambda inner: self._wrap(inner, method))
 
-    def _members_for(self, method: str) -> tuple[WrappingInterceptor, ...]:
-        active = self._active.get(method)
-        if active is None:
-            active = tuple(m for m in self.members if not m.exempt(method))
-            self._active[method] = active
-        return active
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        # The members that wrap this method (each may exempt methods of its own).
+        active = tuple(m for m in self.members if not m.exempt(method))
+        if not active:
+            return handler
 
-    @contextlib.asynccontextmanager
-    async def around(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[None]:
-        async with contextlib.AsyncExitStack() as stack:
-            for member in self._members_for(method):
-                await stack.enter_async_context(member.around(method, context))
-            yield
+        @contextlib.asynccontextmanager
+        async def around(
+            method: str, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[None]:
+            async with contextlib.AsyncExitStack() as stack:
+                for member in active:
+                    await stack.enter_async_context(member.around(method, context))
+                yield
+
+        return wrap_handler(handler, method, around)
 
 
 def default_interceptors(

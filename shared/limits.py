@@ -16,6 +16,11 @@ _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKETS = re.compile(r"[\[\]{}]")
 
 
+def over_limit(field: str, message: str, reason: str, limit: int) -> InvalidArgument:
+    """The INVALID_ARGUMENT for ``field`` crossing ``limit`` (named in its metadata)."""
+    return InvalidArgument(field, message, reason=reason, metadata={"limit": str(limit)})
+
+
 def json_depth(text: str) -> int:
     """Maximum nesting depth of the JSON text's arrays and objects (0 for a scalar).
 
@@ -36,39 +41,33 @@ def check_json_text(text: str, field: str, *, max_bytes: int, max_depth: int) ->
     """INVALID_ARGUMENT naming ``field`` and the limit when ``text`` is too big or too deep."""
     size = len(text.encode("utf-8", errors="replace"))
     if size > max_bytes:
-        raise InvalidArgument(
+        raise over_limit(
             field,
             f"{size} bytes of JSON is over the limit of {max_bytes} bytes",
-            reason="JSON_TOO_LARGE",
-            metadata={"limit": str(max_bytes)},
+            "JSON_TOO_LARGE",
+            max_bytes,
         )
     depth = json_depth(text)
     if depth > max_depth:
-        raise InvalidArgument(
+        raise over_limit(
             field,
             f"JSON nested {depth} levels deep is over the limit of {max_depth}",
-            reason="JSON_TOO_DEEP",
-            metadata={"limit": str(max_depth)},
+            "JSON_TOO_DEEP",
+            max_depth,
         )
 
 
 def check_count(items: Sized, field: str, limit: int) -> None:
     if len(items) > limit:
-        raise InvalidArgument(
-            field,
-            f"{len(items)} entries is over the limit of {limit}",
-            reason="TOO_MANY",
-            metadata={"limit": str(limit)},
+        raise over_limit(
+            field, f"{len(items)} entries is over the limit of {limit}", "TOO_MANY", limit
         )
 
 
 def check_chars(text: str, field: str, limit: int) -> None:
     if len(text) > limit:
-        raise InvalidArgument(
-            field,
-            f"{len(text)} characters is over the limit of {limit}",
-            reason="TOO_LONG",
-            metadata={"limit": str(limit)},
+        raise over_limit(
+            field, f"{len(text)} characters is over the limit of {limit}", "TOO_LONG", limit
         )
 
 

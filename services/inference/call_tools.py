@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,7 @@ from services.inference.prompt import ToolDef, messages_to_dicts, parse_tools
 from services.inference.results import GenResult, duration, emitted
 from services.inference.tool_calls import (
     CALL_SHAPES,
+    BoundedMemo,
     ParsedCall,
     parse_calls,
     parse_selection,
@@ -45,9 +45,9 @@ class ToolCallStage:
 
     def __init__(self, core: InferenceCore, opener_entries: int = 1024) -> None:
         self.core = core
-        # (lane, tool) -> the token ids of the tool's call opener in the lane's format.
-        self._openers: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
-        self._max_openers = opener_entries
+        # (lane, tool) -> the token ids of the tool's call opener in the lane's format (the
+        # lane fixes both the tokenizer and the format; the opener depends on the name only).
+        self._openers: BoundedMemo[tuple[str, str], list[int]] = BoundedMemo(opener_entries)
 
     async def call_tools(self, req: pb.CallToolsRequest) -> pb.CallToolsResponse:
         """Plans:
@@ -231,7 +231,6 @@ class ToolCallStage:
             if ids is None:
                 missing.append(name)
             else:
-                self._openers.move_to_end((lane.name, name))
                 found[name] = ids
         if missing:
             shape = CALL_SHAPES[lane.spec.tool_call_format]
@@ -239,9 +238,7 @@ class ToolCallStage:
             encoded = await self.core.off_loop(_encode_all, lane.engine, texts)
             for name, ids in zip(missing, encoded, strict=True):
                 found[name] = ids
-                self._openers[(lane.name, name)] = ids
-            while len(self._openers) > self._max_openers:
-                self._openers.popitem(last=False)
+                self._openers.put((lane.name, name), ids)
         return found
 
 

@@ -11,9 +11,15 @@ from agentmesh.common.v1 import common_pb2
 from agentmesh.inference.v1 import inference_pb2 as pb
 
 from services.inference.config import InferenceLimits
-from shared.errors import InvalidArgument
 from shared.guard import RequestChecks
-from shared.limits import check_chars, check_count, check_enum, check_json_text, check_pattern
+from shared.limits import (
+    check_chars,
+    check_count,
+    check_enum,
+    check_json_text,
+    check_pattern,
+    over_limit,
+)
 
 SERVICE = "/agentmesh.inference.v1.InferenceService/"
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -110,11 +116,8 @@ def _generate(lim: InferenceLimits) -> Any:
 
 def _max_calls(value: int, lim: InferenceLimits) -> None:
     if value > lim.max_calls:
-        raise InvalidArgument(
-            "max_calls",
-            f"{value} is over the limit of {lim.max_calls}",
-            reason="TOO_MANY",
-            metadata={"limit": str(lim.max_calls)},
+        raise over_limit(
+            "max_calls", f"{value} is over the limit of {lim.max_calls}", "TOO_MANY", lim.max_calls
         )
 
 
@@ -157,11 +160,11 @@ def _count_text_bytes(request: pb.CountTokensRequest, limit: int) -> None:
     for field, texts in parts:
         total += sum(len(t.encode()) for t in texts)
         if total > limit:
-            raise InvalidArgument(
+            raise over_limit(
                 field,
                 f"over the limit of {limit} bytes of text per request, all fields together",
-                reason="TOO_LARGE",
-                metadata={"limit": str(limit)},
+                "TOO_LARGE",
+                limit,
             )
 
 

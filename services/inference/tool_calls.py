@@ -12,9 +12,9 @@ import json
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jsonschema
 
@@ -23,6 +23,29 @@ from services.inference.prompt import ToolDef
 from shared.errors import InvalidArgument
 
 COMPACT = (",", ":")
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class BoundedMemo(Generic[K, V]):
+    """Values memoized by key, at most ``max_entries`` of them (least recently used go)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._entries: OrderedDict[K, V] = OrderedDict()
+        self._max = max_entries
+
+    def get(self, key: K) -> V | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -101,17 +124,13 @@ class GrammarBuilder:
     strings recur and vLLM's own grammar cache hits too)."""
 
     def __init__(self, max_entries: int = 256) -> None:
-        self._cache: OrderedDict[str, str] = OrderedDict()
-        self._max = max_entries
+        self._built: BoundedMemo[str, str] = BoundedMemo(max_entries)
 
     def _memo(self, key: str, build: Any) -> str:
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        value = str(build())
-        self._cache[key] = value
-        if len(self._cache) > self._max:
-            self._cache.popitem(last=False)
+        value = self._built.get(key)
+        if value is None:
+            value = str(build())
+            self._built.put(key, value)
         return value
 
     def check_tools(self, tools: Sequence[ToolDef], fmt: ToolCallFormat) -> None:

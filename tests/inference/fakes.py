@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from agentmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 
-from services.inference.config import InferenceSettings, LanesConfig
+from services.inference.config import InferenceSettings, LanesConfig, ToolCallFormat
 from services.inference.engine import Delta, EngineDead, GenerationFailed, GenParams
 from services.inference.engine_setup import EngineSetup, choose_engine_setup
 from services.inference.kv_cache import ModelKvShape
@@ -39,6 +39,13 @@ def prefilled_tool(prompt_ids: list[int]) -> str | None:
 def hermes_rest(args: dict[str, Any]) -> str:
     """What the model writes of a hermes call after the prefilled opener."""
     return json.dumps(args, separators=(",", ":")) + "}\n</tool_call>"
+
+
+def llama3_json_speed(lanes: LanesConfig) -> None:
+    """A ``start_fake`` configure: the speed lane writes calls in llama3_json (its template)."""
+    speed = lanes.lanes["speed"]
+    speed.tool_call_format = ToolCallFormat.LLAMA3_JSON
+    speed.chat_template = "llama3_json_tools.jinja"
 
 
 @dataclass

@@ -17,7 +17,13 @@ from services.inference.counting import truncate_to_tokens
 from services.inference.engine import GenParams
 from services.inference.prompt import PromptRenderer, messages_to_dicts, parse_tools
 from services.inference.tool_calls import GrammarBuilder
-from tests.inference.fakes import Fake, FakeEngine, FakeEngineFactory, start_fake
+from tests.inference.fakes import (
+    Fake,
+    FakeEngine,
+    FakeEngineFactory,
+    llama3_json_speed,
+    start_fake,
+)
 
 LOOKUP = {
     "type": "object",
@@ -318,12 +324,7 @@ async def test_unspecified_mode_is_text_only_as_before(fake: Fake) -> None:
 
 
 async def test_llama3_json_lane_calls_in_its_own_format() -> None:
-    def configure(lanes: LanesConfig) -> None:
-        speed = lanes.lanes["speed"]
-        speed.tool_call_format = ToolCallFormat.LLAMA3_JSON
-        speed.chat_template = "llama3_json_tools.jinja"
-
-    f = await start_fake(FakeEngineFactory(), configure)
+    f = await start_fake(FakeEngineFactory(), llama3_json_speed)
     try:
         body = json.dumps({"name": "crm_lookup", "parameters": {"customer_id": "C-3"}})
         f.engine.script = lambda ids, p: body

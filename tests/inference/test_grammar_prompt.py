@@ -12,6 +12,7 @@ from services.inference.config import TEMPLATES_DIR, FewShotExemplar, ToolCallFo
 from services.inference.prompt import PromptRenderer, messages_to_dicts, parse_tools
 from services.inference.tool_calls import (
     CALL_SHAPES,
+    BoundedMemo,
     GrammarBuilder,
     parse_calls,
     parse_selection,
@@ -132,6 +133,15 @@ def test_sequence_and_selection_grammars() -> None:
 def test_grammars_are_memoized() -> None:
     b = GrammarBuilder()
     assert b.calls(TOOLS, HERMES, 1, 3) is b.calls(TOOLS, HERMES, 1, 3)
+
+
+def test_bounded_memo_drops_the_least_recently_used() -> None:
+    memo: BoundedMemo[str, int] = BoundedMemo(2)
+    memo.put("a", 1)
+    memo.put("b", 2)
+    assert memo.get("a") == 1  # "a" is now the most recent
+    memo.put("c", 3)
+    assert (memo.get("a"), memo.get("b"), memo.get("c")) == (1, None, 3)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from tests.inference.fakes import (
     Fake,
     FakeEngineFactory,
     hermes_rest,
+    llama3_json_speed,
     prefilled_tool,
     start_fake,
 )
@@ -450,12 +451,7 @@ async def test_call_tools_parallel_selection_then_prefilled_arguments(fake: Fake
 
 
 async def test_llama3_json_lane_named_call_is_prefilled_too() -> None:
-    def configure(lanes: LanesConfig) -> None:
-        speed = lanes.lanes["speed"]
-        speed.tool_call_format = ToolCallFormat.LLAMA3_JSON
-        speed.chat_template = "llama3_json_tools.jinja"
-
-    f = await start_fake(FakeEngineFactory(), configure)
+    f = await start_fake(FakeEngineFactory(), llama3_json_speed)
     try:
         f.engine.script = lambda ids, p: '{"customer_id":"C-3"}}'
         reply = await f.stub.CallTools(

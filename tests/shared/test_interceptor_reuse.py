@@ -1,5 +1,6 @@
 """Interceptor wrappers are built once per method: the same inner handler gets the same
-wrapper on every call; a different inner handler (or method) gets its own."""
+wrapper on every call; a different inner handler (or method) gets its own. Only the chain
+and the request guard build handlers; the chain's members only wrap calls."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ async def _echo(request: Any, context: Any) -> Any:
 
 
 async def test_wrapper_is_built_once_per_method() -> None:
-    interceptor = _Counting()
+    counting = _Counting()
+    interceptor = InterceptorChain([counting])
     inner = grpc.unary_unary_rpc_method_handler(_echo)
     other = grpc.unary_unary_rpc_method_handler(_echo)
 
@@ -64,7 +66,11 @@ async def test_wrapper_is_built_once_per_method() -> None:
     # The cached wrapper still runs the interceptor on every call.
     assert await first.unary_unary("x", None) == "x"
     assert await first.unary_unary("y", None) == "y"
-    assert interceptor.entered == ["/pkg.Svc/A", "/pkg.Svc/A"]
+    assert counting.entered == ["/pkg.Svc/A", "/pkg.Svc/A"]
+    # A method every member exempts (health) is passed through as it is.
+    assert (
+        await interceptor.intercept_service(same, _Details("/grpc.health.v1.Health/Check")) is inner
+    )
 
 
 def _chain(
