@@ -4,13 +4,14 @@ Each call gets the loop's ``timeout_s`` as its gRPC deadline. If the awaiting ta
 cancelled (client disconnect), the call is cancelled too, so the inference service aborts the
 engine request and the tools service cancels pending tool calls. Requests are built and
 replies read by services/orchestrator/downstream.py, which the in-process adapter
-(services/orchestrator/inprocess.py) shares.
+(services/orchestrator/inprocess.py) shares; the port methods are written once in
+services/orchestrator/adapters.py, these classes only make the calls.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -19,37 +20,14 @@ from agentmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from services.orchestrator.adapters import InferenceAdapter, Metadata, ToolsAdapter
 from services.orchestrator.downstream import (
+    INFERENCE,
     INFERENCE_SERVICE,
+    TOOLS,
     TOOLS_SERVICE,
-    answer_item,
-    call_tools_request,
-    call_tools_result,
     capacity_delay,
-    count_tokens_request,
-    execute_tools_request,
-    generate_request,
-    generate_result,
     retry_capacity,
-    stream_request,
-    token_count,
-    tool_outcomes,
-    tools_listed,
-)
-from services.orchestrator.loop.types import (
-    CallToolsResult,
-    ComposeDelta,
-    ComposeDone,
-    Decoding,
-    GenerateResult,
-    LaneRequest,
-    Message,
-    Principal,
-    TokenCount,
-    ToolCallsChosen,
-    ToolDef,
-    ToolInvocation,
-    ToolOutcome,
 )
 from shared.deadlines import Deadline
 from shared.errors import (
@@ -161,75 +139,31 @@ async def _chain(first: Any, call: Any) -> AsyncIterator[Any]:
 # ---------------------------------------------------------------------- ports
 
 
-class GrpcInference:
+class GrpcInference(InferenceAdapter):
     """InferencePort over InferenceService."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
 
-    async def plan(
-        self,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDef],
-        lane: LaneRequest,
-        *,
-        json_schema: str,
-        max_tokens: int,
-        timeout_s: float,
-    ) -> GenerateResult:
-        request = generate_request(
-            messages, tools, lane, json_schema=json_schema, max_tokens=max_tokens
-        )
+    async def _generate(
+        self, request: inference_pb2.GenerateRequest, timeout_s: float
+    ) -> inference_pb2.GenerateResponse:
         response: inference_pb2.GenerateResponse = await _unary(
-            lambda t: self._stub.Generate(request, timeout=t), timeout_s, "the inference service"
+            lambda t: self._stub.Generate(request, timeout=t), timeout_s, INFERENCE
         )
-        return generate_result(response)
+        return response
 
-    async def emit_tool_calls(
-        self,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDef],
-        names: Sequence[str],
-        lane: LaneRequest,
-        *,
-        parallel: bool,
-        decoding: Decoding,
-        max_tokens: int | None,
-        timeout_s: float,
-    ) -> CallToolsResult:
-        request = call_tools_request(
-            messages,
-            tools,
-            names,
-            lane,
-            parallel=parallel,
-            decoding=decoding,
-            max_tokens=max_tokens,
-        )
+    async def _call_tools(
+        self, request: inference_pb2.CallToolsRequest, timeout_s: float
+    ) -> inference_pb2.CallToolsResponse:
         response: inference_pb2.CallToolsResponse = await _unary(
-            lambda t: self._stub.CallTools(request, timeout=t), timeout_s, "the inference service"
+            lambda t: self._stub.CallTools(request, timeout=t), timeout_s, INFERENCE
         )
-        return call_tools_result(response)
+        return response
 
-    async def answer(
-        self,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDef],
-        lane: LaneRequest,
-        *,
-        tool_choice: str,
-        max_calls: int,
-        max_tokens: int,
-        timeout_s: float,
-    ) -> AsyncGenerator[ComposeDelta | ToolCallsChosen | ComposeDone, None]:
-        request = stream_request(
-            messages,
-            tools,
-            lane,
-            tool_choice=tool_choice,
-            max_calls=max_calls,
-            max_tokens=max_tokens,
-        )
+    async def _stream_generate(
+        self, request: inference_pb2.StreamGenerateRequest, timeout_s: float
+    ) -> AsyncGenerator[inference_pb2.StreamGenerateResponse, None]:
         deadline = Deadline.after(timeout_s)
         attempt = 1
         call = self._stub.StreamGenerate(request, timeout=timeout_s)
@@ -250,61 +184,42 @@ class GrpcInference:
                         request, timeout=max(deadline.time_remaining(), 0.001)
                     )
             async for response in _chain(first, call):
-                item = answer_item(response)
-                if item is not None:
-                    yield item
+                yield response
         except grpc.aio.AioRpcError as error:
-            raise domain_error(error, "the inference service") from None
+            raise domain_error(error, INFERENCE) from None
         finally:
             # A no-op once the stream ended; aborts the engine request otherwise.
             call.cancel()
 
-    async def count_tokens(
-        self,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDef],
-        lane: LaneRequest,
-        *,
-        texts: Sequence[str] = (),
-        truncate_to: int = 0,
-        timeout_s: float,
-    ) -> TokenCount:
-        request = count_tokens_request(messages, tools, lane, texts=texts, truncate_to=truncate_to)
+    async def _count_tokens(
+        self, request: inference_pb2.CountTokensRequest, timeout_s: float
+    ) -> inference_pb2.CountTokensResponse:
         response: inference_pb2.CountTokensResponse = await _unary(
-            lambda t: self._stub.CountTokens(request, timeout=t),
-            timeout_s,
-            "the inference service",
+            lambda t: self._stub.CountTokens(request, timeout=t), timeout_s, INFERENCE
         )
-        return token_count(response)
+        return response
 
 
-class GrpcTools:
+class GrpcTools(ToolsAdapter):
     """ToolsPort over ToolService."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = tools_pb2_grpc.ToolServiceStub(channel)
 
-    async def list_tools(self, *, timeout_s: float) -> list[ToolDef]:
+    async def _list_tools(self, timeout_s: float) -> tools_pb2.ListToolsResponse:
         response: tools_pb2.ListToolsResponse = await _unary(
             lambda t: self._stub.ListTools(tools_pb2.ListToolsRequest(), timeout=t),
             timeout_s,
-            "the tool service",
+            TOOLS,
         )
-        return tools_listed(response)
+        return response
 
-    async def execute(
-        self,
-        invocations: Sequence[ToolInvocation],
-        *,
-        principal: Principal,
-        timeout_s: float,
-    ) -> list[ToolOutcome]:
-        request = execute_tools_request(invocations)
+    async def _execute_tools(
+        self, request: tools_pb2.ExecuteToolsRequest, metadata: Metadata, timeout_s: float
+    ) -> tools_pb2.ExecuteToolsResponse:
         response: tools_pb2.ExecuteToolsResponse = await _unary(
-            lambda t: self._stub.ExecuteTools(
-                request, timeout=t, metadata=((PRINCIPAL_HEADER, principal.header()),)
-            ),
+            lambda t: self._stub.ExecuteTools(request, timeout=t, metadata=metadata),
             timeout_s,
-            "the tool service",
+            TOOLS,
         )
-        return tool_outcomes(response)
+        return response

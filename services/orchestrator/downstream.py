@@ -4,7 +4,8 @@ in-process one (inprocess.py).
 The requests the inference and tools services take, built from the loop's values; their
 replies read back into the loop's values; and the rule for retrying a call a full lane
 refused. The in-process adapter hands the same request messages to the services' cores that
-the gRPC adapter sends over the wire, so both paths run the same conversions.
+the gRPC adapter sends over the wire, so both paths run the same conversions; both are
+written over services/orchestrator/adapters.py, which holds the port methods once.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ T = TypeVar("T")
 
 INFERENCE_SERVICE = "agentmesh.inference.v1.InferenceService"
 TOOLS_SERVICE = "agentmesh.tools.v1.ToolService"
+# How the loop's errors name them.
+INFERENCE = "the inference service"
+TOOLS = "the tool service"
 
 
 def method(service: str, name: str) -> str:

@@ -23,48 +23,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from agentmesh.inference.v1 import inference_pb2
+from agentmesh.tools.v1 import tools_pb2
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
 from services.inference.config import InferenceSettings
 from services.inference.core import InferenceCore
 from services.inference.service import InferenceService
+from services.orchestrator.adapters import InferenceAdapter, Metadata, ToolsAdapter
 from services.orchestrator.downstream import (
+    INFERENCE,
     INFERENCE_SERVICE,
+    TOOLS,
     TOOLS_SERVICE,
-    answer_item,
-    call_tools_request,
-    call_tools_result,
     capacity_delay,
-    count_tokens_request,
-    execute_tools_request,
-    generate_request,
-    generate_result,
     method,
     retry_capacity,
-    stream_request,
-    token_count,
-    tool_outcomes,
-    tools_listed,
-)
-from services.orchestrator.loop.types import (
-    CallToolsResult,
-    ComposeDelta,
-    ComposeDone,
-    Decoding,
-    GenerateResult,
-    LaneRequest,
-    Message,
-    Principal,
-    TokenCount,
-    ToolCallsChosen,
-    ToolDef,
-    ToolInvocation,
-    ToolOutcome,
 )
 from services.tools.config import ToolsSettings
 from services.tools.principal import Principal as ToolsPrincipal
@@ -73,14 +51,10 @@ from shared.deadlines import Deadline
 from shared.errors import AgentmeshError, DeadlineExceeded, ResourceExhausted, Unavailable
 from shared.guard import RequestChecks
 from shared.health import HealthReporter
-from shared.principal_wire import PRINCIPAL_HEADER
 
 T = TypeVar("T")
 
 log = logging.getLogger("agentmesh.orchestrator")
-
-INFERENCE = "the inference service"
-TOOLS = "the tool service"
 
 
 def _hint(error: Exception) -> float | None:
@@ -124,74 +98,28 @@ class _Checked:
             check(request)
 
 
-class LocalInference(_Checked):
+class LocalInference(_Checked, InferenceAdapter):
     """InferencePort over the inference service's core, in this process."""
 
     def __init__(self, core: InferenceCore, checks: RequestChecks | None = None) -> None:
         super().__init__(INFERENCE_SERVICE, checks)
         self._core = core
 
-    async def plan(
-        self,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDef],
-        lane: LaneRequest,
-        *,
-        json_schema: str,
-        max_tokens: int,
-        timeout_s: float,
-    ) -> GenerateResult:
-        request = generate_request(
-            messages, tools, lane, json_schema=json_schema, max_tokens=max_tokens
-        )
+    async def _generate(
+        self, request: inference_pb2.GenerateRequest, timeout_s: float
+    ) -> inference_pb2.GenerateResponse:
         self.check("Generate", request)
-        response = await _call(lambda _: self._core.generate(request), timeout_s, INFERENCE)
-        return generate_result(response)
+        return await _call(lambda _: self._core.generate(request), timeout_s, INFERENCE)
 
-    async def emit_tool_calls(
-        self,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDef],
-        names: Sequence[str],
-        lane: LaneRequest,
-        *,
-        parallel: bool,
-        decoding: Decoding,
-        max_tokens: int | None,
-        timeout_s: float,
-    ) -> CallToolsResult:
-        request = call_tools_request(
-            messages,
-            tools,
-            names,
-            lane,
-            parallel=parallel,
-            decoding=decoding,
-            max_tokens=max_tokens,
-        )
+    async def _call_tools(
+        self, request: inference_pb2.CallToolsRequest, timeout_s: float
+    ) -> inference_pb2.CallToolsResponse:
         self.check("CallTools", request)
-        response = await _call(lambda _: self._core.call_tools(request), timeout_s, INFERENCE)
-        return call_tools_result(response)
+        return await _call(lambda _: self._core.call_tools(request), timeout_s, INFERENCE)
 
-    async def answer(
-        self,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDef],
-        lane: LaneRequest,
-        *,
-        tool_choice: str,
-        max_calls: int,
-        max_tokens: int,
-        timeout_s: float,
-    ) -> AsyncGenerator[ComposeDelta | ToolCallsChosen | ComposeDone, None]:
-        request = stream_request(
-            messages,
-            tools,
-            lane,
-            tool_choice=tool_choice,
-            max_calls=max_calls,
-            max_tokens=max_tokens,
-        )
+    async def _stream_generate(
+        self, request: inference_pb2.StreamGenerateRequest, timeout_s: float
+    ) -> AsyncGenerator[inference_pb2.StreamGenerateResponse, None]:
         self.check("StreamGenerate", request)
         deadline = Deadline.after(timeout_s)
         attempt = 1
@@ -214,28 +142,17 @@ class LocalInference(_Checked):
                 raise
         try:
             while reply is not None:
-                item = answer_item(reply)
-                if item is not None:
-                    yield item
+                yield reply
                 reply = await _next(stream, deadline)
         finally:
             # A no-op once the stream ended; aborts the engine request otherwise.
             await stream.aclose()
 
-    async def count_tokens(
-        self,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDef],
-        lane: LaneRequest,
-        *,
-        texts: Sequence[str] = (),
-        truncate_to: int = 0,
-        timeout_s: float,
-    ) -> TokenCount:
-        request = count_tokens_request(messages, tools, lane, texts=texts, truncate_to=truncate_to)
+    async def _count_tokens(
+        self, request: inference_pb2.CountTokensRequest, timeout_s: float
+    ) -> inference_pb2.CountTokensResponse:
         self.check("CountTokens", request)
-        response = await _call(lambda _: self._core.count_tokens(request), timeout_s, INFERENCE)
-        return token_count(response)
+        return await _call(lambda _: self._core.count_tokens(request), timeout_s, INFERENCE)
 
 
 async def _next(
@@ -255,33 +172,27 @@ async def _next(
         raise _unexpected(error, INFERENCE) from error
 
 
-class LocalTools(_Checked):
+class LocalTools(_Checked, ToolsAdapter):
     """ToolsPort over the tool service, in this process."""
 
     def __init__(self, service: ToolsService, checks: RequestChecks | None = None) -> None:
         super().__init__(TOOLS_SERVICE, checks)
         self._service = service
 
-    async def list_tools(self, *, timeout_s: float) -> list[ToolDef]:
-        return tools_listed(self._service.list_tools())
+    async def _list_tools(self, timeout_s: float) -> tools_pb2.ListToolsResponse:
+        return self._service.list_tools()
 
-    async def execute(
-        self,
-        invocations: Sequence[ToolInvocation],
-        *,
-        principal: Principal,
-        timeout_s: float,
-    ) -> list[ToolOutcome]:
-        request = execute_tools_request(invocations)
+    async def _execute_tools(
+        self, request: tools_pb2.ExecuteToolsRequest, metadata: Metadata, timeout_s: float
+    ) -> tools_pb2.ExecuteToolsResponse:
         self.check("ExecuteTools", request)
-        # Exactly what ExecuteTools does with the header the gRPC adapter sends.
-        bound = ToolsPrincipal.from_metadata(((PRINCIPAL_HEADER, principal.header()),))
-        response = await _call(
-            lambda left: self._service.execute_tools(request, bound, Deadline.after(left)),
+        # Exactly what ExecuteTools does with the RPC's metadata.
+        principal = ToolsPrincipal.from_metadata(metadata)
+        return await _call(
+            lambda left: self._service.execute_tools(request, principal, Deadline.after(left)),
             timeout_s,
             TOOLS,
         )
-        return tool_outcomes(response)
 
 
 class InProcessBackends:

@@ -24,7 +24,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.inference.config import InferenceSettings
-from services.inference.engine import GenParams
 from services.inference.service import InferenceService
 from services.orchestrator.config import OrchestratorSettings
 from services.orchestrator.loop.policy import AgentProfile, Caps
@@ -37,37 +36,9 @@ from shared import semconv as sc
 from shared.config import ClientSettings
 from shared.server import GrpcServer
 from shared.telemetry import Telemetry
-from tests.inference.fakes import FakeEngineFactory, hermes_rest, prefilled_tool
+from tests.inference.fakes import FakeEngineFactory
+from tests.scripted_turn import script
 from tests.tools.fakes import HashEmbedder
-
-PLAN = {
-    "calls": [
-        {"tool": "billing_lookup", "intent": "the invoices"},
-        {"tool": "kb_search", "intent": "double charges"},
-    ],
-    "reasoning": "billing question",
-}
-ARGS = {"billing_lookup": {}, "kb_search": {"query": "charged twice"}}
-ANSWER = "Your June invoice was paid twice; write to billing@lumen.example for the refund."
-
-
-def script(ids: list[int], params: GenParams) -> str:
-    """'The model': the stage is the last instruction in the prompt."""
-    prompt = "".join(chr(i) for i in ids)
-    marks = {
-        "plan": prompt.rfind("Plan the tools to call"),
-        "emit": prompt.rfind("now with arguments taken from"),
-        "answer": prompt.rfind("Write the reply to the customer now"),
-    }
-    stage = max(marks, key=lambda k: marks[k])
-    if stage == "plan":
-        return json.dumps(PLAN)
-    if stage == "emit":
-        # CallTools prefilled the call's opener: the model writes the arguments and the closer.
-        name = prefilled_tool(ids)
-        assert name in ARGS, prompt[-80:]
-        return hermes_rest(ARGS[name])
-    return ANSWER
 
 
 def free_port() -> int:

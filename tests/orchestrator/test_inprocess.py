@@ -9,6 +9,7 @@ service (SQLite demo data, hashed embeddings), built from the same settings.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -23,7 +24,6 @@ from agentmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from agentmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.inference.config import InferenceSettings
-from services.inference.engine import GenParams
 from services.inference.service import InferenceService
 from services.orchestrator.clients import GrpcInference, GrpcTools
 from services.orchestrator.config import OrchestratorSettings
@@ -36,57 +36,44 @@ from services.orchestrator.loop.events import (
 )
 from services.orchestrator.loop.policy import AgentProfile, Caps
 from services.orchestrator.loop.ports import InferencePort, ToolsPort
-from services.orchestrator.loop.types import Principal, ToolInvocation, ToolOutcome
+from services.orchestrator.loop.types import (
+    ComposeDelta,
+    ComposeDone,
+    LaneRequest,
+    Message,
+    Principal,
+    Role,
+    ToolInvocation,
+    ToolOutcome,
+)
 from services.orchestrator.service import OrchestratorService, build_agent
 from services.orchestrator.sessions.sql import SqlSessionStore
 from services.tools.config import ToolsSettings
 from services.tools.service import ToolsService
 from shared.config import ClientSettings
-from shared.errors import InvalidArgument
+from shared.errors import DeadlineExceeded, InvalidArgument
 from shared.server import GrpcServer
 from shared.telemetry import Telemetry
-from tests.inference.fakes import FakeEngineFactory, hermes_rest, prefilled_tool
+from tests.inference.fakes import FakeEngineFactory
+from tests.scripted_turn import ANSWER, PLAN, script
 from tests.tools.fakes import HashEmbedder
 
-PLAN = {
-    "calls": [
-        {"tool": "billing_lookup", "intent": "the invoices"},
-        {"tool": "kb_search", "intent": "double charges"},
-    ],
-    "reasoning": "billing question",
-}
-ARGS = {"billing_lookup": {}, "kb_search": {"query": "charged twice"}}
-ANSWER = "Your June invoice was paid twice; write to billing@lumen.example for the refund."
 MESSAGE = "I think I was charged twice on my last invoice."
 
 
-def script(ids: list[int], params: GenParams) -> str:
-    """'The model': the stage is the last instruction in the prompt."""
-    prompt = "".join(chr(i) for i in ids)
-    marks = {
-        "plan": prompt.rfind("Plan the tools to call"),
-        "emit": prompt.rfind("now with arguments taken from"),
-        "answer": prompt.rfind("Write the reply to the customer now"),
-    }
-    stage = max(marks, key=lambda k: marks[k])
-    if stage == "plan":
-        return json.dumps(PLAN)
-    if stage == "emit":
-        # CallTools prefilled the call's opener: the model writes the arguments and the closer.
-        name = prefilled_tool(ids)
-        assert name in ARGS, prompt[-80:]
-        return hermes_rest(ARGS[name])
-    return ANSWER
-
-
-def services(folder: Path) -> tuple[InferenceService, ToolsService]:
-    """The inference service on the scripted engine, the tool service on seeded SQLite."""
+def services(
+    folder: Path, *, max_concurrency: int | None = None, **engine: Any
+) -> tuple[InferenceService, ToolsService]:
+    """The inference service on the scripted engine (``engine``: more of the fake engine's
+    fields; ``max_concurrency``: every lane's cap), the tool service on seeded SQLite."""
     inference_settings = InferenceSettings(port=0, metrics_port=0, grace_seconds=1)
     lanes = inference_settings.load_lanes()
     for spec in lanes.lanes.values():  # the fake engine's tokens are characters
         spec.engine_args["max_model_len"] = 65536
+        if max_concurrency is not None:
+            spec.max_concurrency = max_concurrency
     inference = InferenceService(
-        inference_settings, lanes, engine_factory=FakeEngineFactory(script=script)
+        inference_settings, lanes, engine_factory=FakeEngineFactory(script=script, **engine)
     )
     tools_settings = ToolsSettings(port=0, metrics_port=0, data_dir=folder, grace_seconds=1)
     return inference, ToolsService(tools_settings, embedder=HashEmbedder())
@@ -266,3 +253,75 @@ async def test_the_orchestrator_serves_run_turn_over_in_process_backends(tmp_pat
     assert kinds[0] == "turn_started" and kinds[-1] == "turn_completed"
     assert kinds.count("tool_call_finished") == 2
     assert backends.inference_service.core.engines["engine-0"].started is False  # closed
+
+
+LANE = LaneRequest(stage="compose", lane="workhorse")
+ASK = [Message(Role.USER, MESSAGE)]
+
+
+def refusals(backends: InProcessBackends, lane: str) -> float:
+    """How many calls the inference core refused on ``lane`` (a full lane)."""
+    counter = backends.inference_service.core.metrics.rejected.labels(lane)
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+async def test_in_process_a_call_a_full_lane_refused_is_retried_on_its_hint(
+    tmp_path: Path,
+) -> None:
+    """The lane's one slot held by a stream: a plan is refused, waits the hint and, the
+    stream done, is served on its retry (as the gRPC adapter retries RESOURCE_EXHAUSTED)."""
+    hold = asyncio.Event()
+    backends = InProcessBackends(*services(tmp_path, max_concurrency=1, hold_after_first=hold))
+    await backends.start()
+    try:
+        inference = backends.inference
+        answer = inference.answer(
+            ASK, [], LANE, tool_choice="none", max_calls=0, max_tokens=512, timeout_s=30
+        )
+        async with aclosing(answer) as stream:
+            first = await anext(stream)  # the stream holds the lane's one slot
+            plan = asyncio.create_task(
+                inference.plan(
+                    ASK, [], LANE, json_schema='{"type": "object"}', max_tokens=512, timeout_s=30
+                )
+            )
+            for _ in range(10_000):  # until the plan's first attempt was refused
+                if refusals(backends, "workhorse") or plan.done():
+                    break
+                await asyncio.sleep(0)
+            refused_while_held = refusals(backends, "workhorse")
+            hold.set()
+            rest = [item async for item in stream]
+        planned = await plan
+    finally:
+        await backends.close()
+
+    assert refused_while_held == 1
+    assert refusals(backends, "workhorse") == 1  # the retry was served
+    assert isinstance(first, ComposeDelta)
+    assert isinstance(rest[-1], ComposeDone)
+    assert json.loads(planned.text) == PLAN
+
+
+async def test_in_process_a_stream_past_its_deadline_is_deadline_exceeded_and_aborted(
+    tmp_path: Path,
+) -> None:
+    hold = asyncio.Event()  # never set: the generation stalls after its first delta
+    backends = InProcessBackends(*services(tmp_path, hold_after_first=hold))
+    await backends.start()
+    try:
+        answer = backends.inference.answer(
+            ASK, [], LANE, tool_choice="none", max_calls=0, max_tokens=512, timeout_s=0.5
+        )
+        async with aclosing(answer) as stream:
+            first = await anext(stream)
+            with pytest.raises(DeadlineExceeded):
+                await anext(stream)
+        engine = backends.inference_service.core.engines["engine-0"]
+        aborted, live = list(engine.aborted), set(engine.live)
+    finally:
+        await backends.close()
+
+    assert isinstance(first, ComposeDelta)
+    assert len(aborted) == 1
+    assert live == set()
