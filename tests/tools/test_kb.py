@@ -191,8 +191,8 @@ async def test_the_real_model_encodes_on_the_configured_threads_alike(
     seen: list[int] = []
 
     class Noting:
-        def get_sentence_embedding_dimension(self) -> int:
-            return int(real.get_sentence_embedding_dimension())
+        def get_embedding_dimension(self) -> int:
+            return int(real.get_embedding_dimension())
 
         def encode(self, texts: list[str], **kwargs: object) -> object:
             seen.append(torch.get_num_threads())
